@@ -25,3 +25,16 @@ def unload_ipython_extension(ipython: Any) -> None:
     from hubml.magics import unload_ipython_extension as _unload
 
     _unload(ipython)
+
+
+#: ``hubml.predict(...)`` etc.: the most used calls of ``hubml.magics.api``,
+#: imported on first use so ``import hubml`` stays cheap (no MLflow import).
+_API = ("predict", "deploy", "register_model", "deployments", "undeploy", "models")
+
+
+def __getattr__(name: str) -> Any:
+    if name in _API:
+        from hubml.magics import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'hubml' has no attribute {name!r}")

@@ -84,6 +84,36 @@ class RegisterRequest:
         return self
 
 
+MAX_TAG_KEY = 250
+MAX_TAG_VALUE = 5000
+
+
+def parse_tags(items: list[str] | None) -> dict[str, str]:
+    """``--tag KEY=VALUE`` (repeatable) to a dict, with MLflow's limits checked up front.
+
+    Checked before anything is registered, so a bad tag never leaves a
+    half-tagged model version behind.
+    """
+    tags: dict[str, str] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise InvalidRequest(
+                f"--tag expects KEY=VALUE, got {item!r}. Example: --tag team=vision (repeat --tag for more)."
+            )
+        if len(key) > MAX_TAG_KEY or not key.isprintable():
+            raise InvalidRequest(
+                f"Tag name {key[:40]!r} must be 1 to {MAX_TAG_KEY} printable characters."
+            )
+        if len(value) > MAX_TAG_VALUE:
+            raise InvalidRequest(f"The value of tag {key!r} is longer than {MAX_TAG_VALUE} characters; shorten it.")
+        if key in tags and tags[key] != value:
+            raise InvalidRequest(f"--tag {key} is given twice with different values; keep one.")
+        tags[key] = value
+    return tags
+
+
 @dataclass
 class ModelVersionInfo:
     name: str
@@ -117,9 +147,18 @@ class DeploySpec:
     min_replicas: int = 1
     max_replicas: int = 1
     canary_percent: int | None = None
+    #: Local backend only: serve on this loopback port instead of a free one.
+    port: int | None = None
 
     def validate(self) -> "DeploySpec":
         names.dns_label(self.name, "Deployment name")
+        if self.port is not None and (
+            isinstance(self.port, bool) or not isinstance(self.port, int) or not 1024 <= self.port <= 65535
+        ):
+            raise InvalidRequest(
+                f"--port must be a whole number from 1024 to 65535; got {self.port!r}. "
+                f"Leave --port out to get a free port."
+            )
         if self.profile is not None:
             names.dns_label(self.profile, "Profile")
         for flag, value in (("--min-replicas", self.min_replicas), ("--max-replicas", self.max_replicas)):
