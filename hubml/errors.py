@@ -71,3 +71,7 @@ class JobFailed(BackendError):
         self.rank = rank
         self.exit_code = exit_code
         self.log_tail = log_tail
+
+
+class JobCancelled(BackendError):
+    """A training job was stopped before it ended (interrupt, ``%train_cancel``, ``--timeout``)."""

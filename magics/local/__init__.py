@@ -2,20 +2,22 @@
 
 Workers are processes started by ``torch.distributed.run``; tracking and the
 registry go to a local MLflow store; models are served by ``mlflow models serve``.
+
+``LocalBackend`` is resolved lazily (PEP 562 ``__getattr__``) so that the job
+supervisor, which imports the small pure ``console`` module from this package,
+does not pay for importing the backend and its dependencies on every job start.
 """
 
 from __future__ import annotations
 
-from hubml.magics.backend import Backend
-from hubml.magics.local.home import LocalHome
-from hubml.magics.local.serving import LocalModels
-from hubml.magics.local.training import LocalTraining
+from typing import Any
+
+__all__ = ["LocalBackend"]
 
 
-class LocalBackend(LocalTraining, LocalModels, Backend):
-    """Both mixins read ``self.home``; neither defines ``__init__``."""
+def __getattr__(name: str) -> Any:
+    if name == "LocalBackend":
+        from hubml.magics.local.backend import LocalBackend
 
-    name = "local"
-
-    def __init__(self, home: LocalHome | None = None) -> None:
-        self.home = home or LocalHome.from_env()
+        return LocalBackend
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
