@@ -1,0 +1,661 @@
+"""Kubernetes manifests for training and serving, as plain dicts (no I/O).
+
+Why pure builders: like KubeSpawner's ``objects.py``, everything that decides the
+*shape* of what lands in the cluster lives here, so it is tested without a
+cluster and reviewed in one place; ``kube.py`` only sends the dicts.
+
+Two plans are the inputs, both validated field by field before a manifest is
+built (``TrainingPlan.validate`` / ``ServingPlan.validate``), because every value
+here ends up in an object that runs code in the cluster:
+
+- ``TrainingPlan`` -> ``indexed_job`` (one pod per worker, ``completionMode:
+  Indexed``, each pod running ``torch.distributed.run`` with the c10d rendezvous
+  at pod 0 through ``rendezvous_service``, a headless Service), or
+  ``pytorch_job`` (Kubeflow ``PyTorchJob`` v1) where the operator is installed;
+  ``code_config_map`` ships the cell; ``training_network_policy`` lets the pods
+  reach each other, DNS and MLflow only.
+- ``ServingPlan`` -> ``inference_service`` (KServe v1beta1, ``modelFormat:
+  mlflow``) or the ``scoring_deployment`` + ``scoring_service`` +
+  ``scoring_hpa`` trio running MLflow's scoring server.
+
+Every object carries ``hubml.io/user`` (label-safe slug of the hub user),
+``hubml.io/kind`` and ``hubml.io/job`` / ``hubml.io/deployment``, and the raw
+user name in the ``hubml.io/username`` annotation, so the cluster alone says
+who owns what: a restart of the hub or the service loses nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from kubespawner.slugs import is_valid_label, safe_slug
+
+from hubml import names
+from hubml.errors import InvalidRequest
+
+LABEL_USER = "hubml.io/user"
+LABEL_KIND = "hubml.io/kind"
+LABEL_JOB = "hubml.io/job"
+LABEL_DEPLOYMENT = "hubml.io/deployment"
+LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
+ANNOTATION_USERNAME = "hubml.io/username"
+ANNOTATION_SPEC = "hubml.io/spec"
+ANNOTATION_CANCELLED = "hubml.io/cancelled"
+KIND_TRAINING = "training"
+KIND_SERVING = "serving"
+MANAGED_BY = "hubml"
+
+#: Label the Job controller puts on every pod of an Indexed Job (Kubernetes >= 1.28).
+COMPLETION_INDEX_LABEL = "batch.kubernetes.io/job-completion-index"
+COMPLETION_INDEX_ANNOTATION = "batch.kubernetes.io/job-completion-index"
+
+RDZV_PORT = 29400
+CODE_MOUNT = "/hubml/code"
+CODE_FILE = "train.py"
+SCORING_PORT = 8080
+
+_IMAGE_RE = re.compile(r"^[a-z0-9][a-z0-9._\-/:@]*[A-Za-z0-9_]$", re.IGNORECASE)
+_LABEL_VALUE_RE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
+_LABEL_KEY_RE = re.compile(
+    r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?"
+    r"[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$"
+)
+_QUANTITY_RE = re.compile(r"^[0-9]+(\.[0-9]+)?(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?$")
+_STORAGE_URI_RE = re.compile(r"^(s3|gs|https?|pvc|hdfs|webhdfs|oci|hf|azure|file|mlflow-artifacts|models|runs):/[^\s;|&$`]+$")
+
+
+def user_slug(username: str) -> str:
+    """Label-safe form of a hub user name (KubeSpawner's ``safe_slug``, so both agree).
+
+    Names that are already valid label values are kept as they are; anything else
+    (``a@b.org``) becomes a stripped prefix plus a hash, which cannot collide.
+    """
+    if not isinstance(username, str) or not username:
+        raise InvalidRequest("The hub user name is empty; the hub did not identify the caller.")
+    return safe_slug(username, is_valid=is_valid_label, max_length=63)
+
+
+def owner_labels(username: str, kind: str) -> dict[str, str]:
+    return {LABEL_USER: user_slug(username), LABEL_KIND: kind, LABEL_MANAGED_BY: MANAGED_BY}
+
+
+def owned_by(obj: dict[str, Any], username: str) -> bool:
+    """Whether a Kubernetes object (dict) belongs to ``username``.
+
+    Both the label (used for listing) and the raw-name annotation (exact) must
+    match, so a hashed slug can never let one user pass for another.
+    """
+    meta = obj.get("metadata") or {}
+    return ((meta.get("labels") or {}).get(LABEL_USER) == user_slug(username)
+            and (meta.get("annotations") or {}).get(ANNOTATION_USERNAME) == username)
+
+
+# --------------------------------------------------------------------------- validation helpers
+
+
+def _check_image(image: Any) -> None:
+    if not isinstance(image, str) or len(image) > 512 or not _IMAGE_RE.match(image):
+        raise InvalidRequest(
+            f"Image {image!r} is not an image reference such as 'quay.io/jupyter/pytorch-notebook:2025-01-06'."
+        )
+
+
+def _check_labels(labels: Any, what: str) -> None:
+    if not isinstance(labels, dict):
+        raise InvalidRequest(f"{what} must be a mapping of label names to values.")
+    for key, value in labels.items():
+        if not isinstance(key, str) or len(key) > 317 or not _LABEL_KEY_RE.match(key):
+            raise InvalidRequest(f"{what}: {key!r} is not a valid Kubernetes label name.")
+        if not isinstance(value, str) or len(value) > 63 or not _LABEL_VALUE_RE.match(value):
+            raise InvalidRequest(
+                f"{what}: the value {value!r} of {key} is not a valid label value "
+                "(at most 63 letters, digits, '-', '_' or '.', starting and ending alphanumeric)."
+            )
+
+
+def _check_annotations(annotations: Any, what: str) -> None:
+    if not isinstance(annotations, dict):
+        raise InvalidRequest(f"{what} must be a mapping of annotation names to values.")
+    for key, value in annotations.items():
+        if not isinstance(key, str) or not _LABEL_KEY_RE.match(key):
+            raise InvalidRequest(f"{what}: {key!r} is not a valid annotation name.")
+        if not isinstance(value, str):
+            raise InvalidRequest(f"{what}: the value of {key} must be a string.")
+
+
+def _check_resources(resources: Any) -> None:
+    if not isinstance(resources, dict) or set(resources) - {"requests", "limits"}:
+        raise InvalidRequest("resources must be {'requests': {...}, 'limits': {...}}.")
+    for part in resources.values():
+        if not isinstance(part, dict):
+            raise InvalidRequest("resources.requests/limits must be mappings of resource names to quantities.")
+        for key, value in part.items():
+            if not isinstance(key, str) or not _LABEL_KEY_RE.match(key):
+                raise InvalidRequest(f"resources: {key!r} is not a resource name.")
+            if not isinstance(value, str) or not _QUANTITY_RE.match(value):
+                raise InvalidRequest(f"resources: {key}={value!r} is not a Kubernetes quantity such as '2', '500m', '16Gi'.")
+
+
+def _check_env(env: Any) -> None:
+    if not isinstance(env, dict):
+        raise InvalidRequest("env must be a mapping of names to values.")
+    for key, value in env.items():
+        if not isinstance(value, str):
+            raise InvalidRequest(f"env {key}: the value must be a string.")
+        names.env_pair(f"{key}={value}")
+
+
+# --------------------------------------------------------------------------- training
+
+
+@dataclass(frozen=True)
+class TrainingPlan:
+    """Everything a training job's objects are made of, decided by policy beforehand."""
+
+    job_id: str
+    namespace: str
+    username: str
+    image: str
+    code: str
+    workers: int
+    nproc_per_node: int = 1
+    resources: dict[str, dict[str, str]] = field(default_factory=dict)
+    node_selector: dict[str, str] = field(default_factory=dict)
+    node_affinity: list[dict[str, Any]] = field(default_factory=list)
+    tolerations: list[dict[str, Any]] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)           # the user's --env
+    system_env: dict[str, str] = field(default_factory=dict)    # MLFLOW_*, HUBML_JOB_ID
+    pod_labels: dict[str, str] = field(default_factory=dict)    # from the profile
+    pod_annotations: dict[str, str] = field(default_factory=dict)
+    record: dict[str, Any] = field(default_factory=dict)        # JobStatus fields kept on the Job
+    backoff_limit: int = 0
+    ttl_seconds_after_finished: int = 7 * 86400
+    active_deadline_seconds: int | None = None
+    shm_size: str = "1Gi"
+    python: str = "python"
+    suspend: bool = False
+
+    def validate(self) -> "TrainingPlan":
+        names.dns_label(self.job_id, "Job id")
+        if len(self.job_id) > 40:
+            raise InvalidRequest(f"Job id {self.job_id!r} is longer than 40 characters (pod names derive from it).")
+        names.dns_label(self.namespace, "Namespace")
+        user_slug(self.username)
+        _check_image(self.image)
+        if not isinstance(self.code, str) or not self.code.strip():
+            raise InvalidRequest("The training code is empty.")
+        for flag, value, low, high in (("workers", self.workers, 1, 256), ("nproc_per_node", self.nproc_per_node, 1, 16),
+                                       ("backoff_limit", self.backoff_limit, 0, 100),
+                                       ("ttl_seconds_after_finished", self.ttl_seconds_after_finished, 0, 10 ** 8)):
+            if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+                raise InvalidRequest(f"{flag} must be a whole number from {low} to {high}; got {value!r}.")
+        if self.active_deadline_seconds is not None and (
+                isinstance(self.active_deadline_seconds, bool) or not isinstance(self.active_deadline_seconds, int)
+                or self.active_deadline_seconds < 1):
+            raise InvalidRequest("active_deadline_seconds must be a positive whole number of seconds.")
+        _check_resources(self.resources)
+        _check_labels(self.node_selector, "node selector")
+        _check_labels(self.pod_labels, "pod labels")
+        _check_annotations(self.pod_annotations, "pod annotations")
+        _check_env(self.env)
+        if not isinstance(self.system_env, dict) or not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in self.system_env.items()):
+            raise InvalidRequest("system env must map names to strings.")
+        if not _QUANTITY_RE.match(self.shm_size):
+            raise InvalidRequest(f"shm_size {self.shm_size!r} is not a quantity such as '1Gi'.")
+        for tol in self.tolerations:
+            if not isinstance(tol, dict):
+                raise InvalidRequest("tolerations must be dicts.")
+        return self
+
+    # names of the objects
+    @property
+    def job_name(self) -> str:
+        return self.job_id
+
+    @property
+    def service_name(self) -> str:
+        return self.job_id
+
+    @property
+    def config_map_name(self) -> str:
+        return f"{self.job_id}-code"
+
+    @property
+    def rendezvous_endpoint(self) -> str:
+        """Pod 0's stable DNS name: ``<job>-0.<service>`` (Indexed Job hostname + subdomain)."""
+        return f"{self.job_id}-0.{self.service_name}:{RDZV_PORT}"
+
+    def labels(self) -> dict[str, str]:
+        return {**owner_labels(self.username, KIND_TRAINING), LABEL_JOB: self.job_id}
+
+    def annotations(self) -> dict[str, str]:
+        return {ANNOTATION_USERNAME: self.username,
+                ANNOTATION_SPEC: json.dumps(self.record, sort_keys=True, separators=(",", ":"))}
+
+
+def _meta(name: str, namespace: str, labels: dict[str, str], annotations: dict[str, str] | None = None,
+          owner: dict[str, Any] | None = None) -> dict[str, Any]:
+    meta: dict[str, Any] = {"name": name, "namespace": namespace, "labels": dict(labels)}
+    if annotations:
+        meta["annotations"] = dict(annotations)
+    if owner:
+        meta["ownerReferences"] = [owner]
+    return meta
+
+
+def owner_reference(obj: dict[str, Any]) -> dict[str, Any]:
+    """An ownerReference to ``obj`` (as returned by the API server) so the garbage
+    collector deletes the dependants with it: cancel or TTL cleans everything."""
+    meta = obj["metadata"]
+    return {"apiVersion": obj["apiVersion"], "kind": obj["kind"], "name": meta["name"], "uid": meta["uid"],
+            "controller": False, "blockOwnerDeletion": False}
+
+
+def _container_env(plan: TrainingPlan) -> list[dict[str, Any]]:
+    env: list[dict[str, Any]] = [{"name": k, "value": v} for k, v in sorted(plan.env.items())]
+    env += [{"name": k, "value": v} for k, v in sorted(plan.system_env.items())]
+    env.append({"name": "PYTHONUNBUFFERED", "value": "1"})
+    return env
+
+
+def _security_context() -> dict[str, Any]:
+    return {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]},
+            "seccompProfile": {"type": "RuntimeDefault"}}
+
+
+def _pod_spec(plan: TrainingPlan, container: dict[str, Any], *, subdomain: str | None) -> dict[str, Any]:
+    spec: dict[str, Any] = {
+        "restartPolicy": "Never",
+        "automountServiceAccountToken": False,
+        "enableServiceLinks": False,
+        "containers": [container],
+        "volumes": [
+            {"name": "code", "configMap": {"name": plan.config_map_name, "defaultMode": 0o444}},
+            {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": plan.shm_size}},
+        ],
+    }
+    if subdomain:
+        spec["subdomain"] = subdomain
+    if plan.node_selector:
+        spec["nodeSelector"] = dict(plan.node_selector)
+    if plan.node_affinity:
+        spec["affinity"] = {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {
+            "nodeSelectorTerms": [{"matchExpressions": [dict(e) for e in plan.node_affinity]}]}}}
+    if plan.tolerations:
+        spec["tolerations"] = [dict(t) for t in plan.tolerations]
+    return spec
+
+
+def _container(plan: TrainingPlan, name: str, command: list[str], extra_env: list[dict[str, Any]]) -> dict[str, Any]:
+    c: dict[str, Any] = {
+        "name": name,
+        "image": plan.image,
+        "command": command,
+        "env": extra_env + _container_env(plan),
+        "volumeMounts": [{"name": "code", "mountPath": CODE_MOUNT, "readOnly": True},
+                         {"name": "dshm", "mountPath": "/dev/shm"}],
+        "securityContext": _security_context(),
+        "ports": [{"name": "rdzv", "containerPort": RDZV_PORT, "protocol": "TCP"}],
+    }
+    if plan.resources:
+        c["resources"] = {k: dict(v) for k, v in plan.resources.items() if v}
+    return c
+
+
+def torchrun_command(plan: TrainingPlan) -> list[str]:
+    """The worker command: ``torch.distributed.run`` with the c10d rendezvous at pod 0.
+
+    ``$(NODE_RANK)`` is expanded by the kubelet from the container's env, which
+    reads the pod's completion index through the downward API.
+    """
+    return [
+        plan.python, "-m", "torch.distributed.run",
+        "--nnodes", str(plan.workers),
+        "--nproc-per-node", str(plan.nproc_per_node),
+        "--rdzv-backend", "c10d",
+        "--rdzv-endpoint", plan.rendezvous_endpoint,
+        "--rdzv-id", plan.job_id,
+        "--node-rank", "$(NODE_RANK)",
+        "--max-restarts", "0",
+        f"{CODE_MOUNT}/{CODE_FILE}",
+    ]
+
+
+def indexed_job(plan: TrainingPlan) -> dict[str, Any]:
+    """A ``batch/v1`` Job with one pod per worker (``completionMode: Indexed``).
+
+    The service creates its ConfigMap, Service and NetworkPolicy before it
+    (see ``training.py``), so no pod starts before its code and network rules
+    exist. ``suspend`` is kept for callers that want to hold the pods.
+    """
+    plan.validate()
+    rank_env = [{"name": "NODE_RANK", "valueFrom": {"fieldRef": {
+        "fieldPath": f"metadata.annotations['{COMPLETION_INDEX_ANNOTATION}']"}}}]
+    container = _container(plan, "worker", torchrun_command(plan), rank_env)
+    pod_labels = {**plan.pod_labels, **plan.labels()}
+    pod_annotations = {**plan.pod_annotations, ANNOTATION_USERNAME: plan.username}
+    spec: dict[str, Any] = {
+        "completionMode": "Indexed",
+        "completions": plan.workers,
+        "parallelism": plan.workers,
+        "backoffLimit": plan.backoff_limit,
+        "ttlSecondsAfterFinished": plan.ttl_seconds_after_finished,
+        "suspend": plan.suspend,
+        # a finished worker must not be restarted alone: the rendezvous is gone
+        "podReplacementPolicy": "Failed",
+        "template": {
+            "metadata": {"labels": pod_labels, "annotations": pod_annotations},
+            "spec": _pod_spec(plan, container, subdomain=plan.service_name),
+        },
+    }
+    if plan.active_deadline_seconds:
+        spec["activeDeadlineSeconds"] = plan.active_deadline_seconds
+    return {"apiVersion": "batch/v1", "kind": "Job",
+            "metadata": _meta(plan.job_name, plan.namespace, plan.labels(), plan.annotations()),
+            "spec": spec}
+
+
+def pytorch_job(plan: TrainingPlan) -> dict[str, Any]:
+    """A Kubeflow ``PyTorchJob`` (kubeflow.org/v1): Master (rank 0) + Workers.
+
+    The training operator injects ``PET_NNODES``, ``PET_NPROC_PER_NODE``,
+    ``PET_MASTER_ADDR``… which ``torch.distributed.run`` reads, so the command
+    only names the script.
+    """
+    plan.validate()
+    command = [plan.python, "-m", "torch.distributed.run", f"{CODE_MOUNT}/{CODE_FILE}"]
+    pod_labels = {**plan.pod_labels, **plan.labels()}
+    pod_annotations = {**plan.pod_annotations, ANNOTATION_USERNAME: plan.username}
+
+    def replica(count: int) -> dict[str, Any]:
+        container = _container(plan, "pytorch", command, [])
+        return {"replicas": count, "restartPolicy": "Never",
+                "template": {"metadata": {"labels": pod_labels, "annotations": pod_annotations},
+                             "spec": _pod_spec(plan, container, subdomain=None)}}
+
+    replicas = {"Master": replica(1)}
+    if plan.workers > 1:
+        replicas["Worker"] = replica(plan.workers - 1)
+    run_policy: dict[str, Any] = {"cleanPodPolicy": "None", "backoffLimit": plan.backoff_limit,
+                                  "ttlSecondsAfterFinished": plan.ttl_seconds_after_finished,
+                                  "suspend": plan.suspend}
+    if plan.active_deadline_seconds:
+        run_policy["activeDeadlineSeconds"] = plan.active_deadline_seconds
+    return {"apiVersion": "kubeflow.org/v1", "kind": "PyTorchJob",
+            "metadata": _meta(plan.job_name, plan.namespace, plan.labels(), plan.annotations()),
+            "spec": {"nprocPerNode": str(plan.nproc_per_node), "runPolicy": run_policy,
+                     "pytorchReplicaSpecs": replicas}}
+
+
+def rendezvous_service(plan: TrainingPlan, owner: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Headless Service giving pod 0 the name the other workers rendezvous at.
+
+    ``publishNotReadyAddresses`` because the workers look pod 0 up before any
+    readiness probe could pass.
+    """
+    return {"apiVersion": "v1", "kind": "Service",
+            "metadata": _meta(plan.service_name, plan.namespace, plan.labels(),
+                              {ANNOTATION_USERNAME: plan.username}, owner),
+            "spec": {"clusterIP": "None", "publishNotReadyAddresses": True,
+                     "selector": {LABEL_JOB: plan.job_id, LABEL_KIND: KIND_TRAINING},
+                     "ports": [{"name": "rdzv", "port": RDZV_PORT, "targetPort": RDZV_PORT, "protocol": "TCP"}]}}
+
+
+def code_config_map(plan: TrainingPlan, owner: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The cell's code, mounted read-only at ``/hubml/code/train.py`` in every worker."""
+    return {"apiVersion": "v1", "kind": "ConfigMap",
+            "metadata": _meta(plan.config_map_name, plan.namespace, plan.labels(),
+                              {ANNOTATION_USERNAME: plan.username}, owner),
+            "immutable": True,
+            "data": {CODE_FILE: plan.code}}
+
+
+@dataclass(frozen=True)
+class EgressRule:
+    """Where training pods may connect besides each other and DNS (MLflow)."""
+
+    to: list[dict[str, Any]]          # NetworkPolicyPeer dicts (ipBlock / namespaceSelector+podSelector)
+    ports: list[dict[str, Any]]       # NetworkPolicyPort dicts
+
+
+def training_network_policy(plan: TrainingPlan, mlflow: list[EgressRule],
+                            owner: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Ingress only from the job's own pods; egress only to them, DNS and MLflow.
+
+    Training code is arbitrary user code with the user's data: no internet
+    egress means no exfiltration and no surprise downloads.
+    """
+    same_job = [{"podSelector": {"matchLabels": {LABEL_JOB: plan.job_id}}}]
+    dns = {"to": [{"namespaceSelector": {}, "podSelector": {"matchLabels": {"k8s-app": "kube-dns"}}}],
+           "ports": [{"protocol": "UDP", "port": 53}, {"protocol": "TCP", "port": 53}]}
+    egress = [{"to": same_job}, dns] + [{"to": r.to, "ports": r.ports} for r in mlflow]
+    return {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+            "metadata": _meta(plan.job_id, plan.namespace, plan.labels(),
+                              {ANNOTATION_USERNAME: plan.username}, owner),
+            "spec": {"podSelector": {"matchLabels": {LABEL_JOB: plan.job_id}},
+                     "policyTypes": ["Ingress", "Egress"],
+                     "ingress": [{"from": same_job}],
+                     "egress": egress}}
+
+
+def mlflow_egress_from_uri(uri: str) -> list[EgressRule]:
+    """Default egress rule for a tracking URI: its port to any address in the cluster.
+
+    Admins who know where MLflow runs set ``HubMLService.mlflow_egress`` to a
+    tighter peer (namespaceSelector + podSelector); this default still blocks
+    the internet for the common in-cluster ``http://mlflow.<ns>:5000``.
+    """
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(uri)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    return [EgressRule(to=[{"namespaceSelector": {}}], ports=[{"protocol": "TCP", "port": port}])]
+
+
+# --------------------------------------------------------------------------- serving
+
+
+@dataclass(frozen=True)
+class ServingPlan:
+    """A deployment of one registered model version."""
+
+    name: str
+    namespace: str
+    username: str
+    model: str                  # "iris-clf@champion" as asked
+    model_name: str
+    version: int
+    storage_uri: str
+    image: str                  # the scoring server image (Deployment flavour)
+    min_replicas: int = 1
+    max_replicas: int = 1
+    canary_percent: int | None = None
+    resources: dict[str, dict[str, str]] = field(default_factory=dict)
+    node_selector: dict[str, str] = field(default_factory=dict)
+    node_affinity: list[dict[str, Any]] = field(default_factory=list)
+    tolerations: list[dict[str, Any]] = field(default_factory=list)
+    pod_labels: dict[str, str] = field(default_factory=dict)
+    env: dict[str, str] = field(default_factory=dict)  # MLFLOW_TRACKING_URI for the scoring server
+    target_cpu_utilization: int = 70
+    created: float = 0.0
+
+    def validate(self) -> "ServingPlan":
+        names.dns_label(self.name, "Deployment name")
+        names.dns_label(self.namespace, "Namespace")
+        user_slug(self.username)
+        names.model_name(self.model_name)
+        _check_image(self.image)
+        if isinstance(self.version, bool) or not isinstance(self.version, int) or self.version < 1:
+            raise InvalidRequest(f"Model version must be a positive whole number; got {self.version!r}.")
+        if not isinstance(self.storage_uri, str) or not _STORAGE_URI_RE.match(self.storage_uri):
+            raise InvalidRequest(
+                f"storageUri {self.storage_uri!r} is not a location KServe can download a model from "
+                "(s3://, gs://, https://, pvc://, mlflow-artifacts://…)."
+            )
+        for flag, value, low, high in (("min_replicas", self.min_replicas, 0, 100),
+                                       ("max_replicas", self.max_replicas, 1, 100),
+                                       ("target_cpu_utilization", self.target_cpu_utilization, 1, 100)):
+            if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+                raise InvalidRequest(f"{flag} must be a whole number from {low} to {high}; got {value!r}.")
+        if self.max_replicas < self.min_replicas:
+            raise InvalidRequest("max_replicas must be at least min_replicas.")
+        if self.canary_percent is not None and (
+                isinstance(self.canary_percent, bool) or not isinstance(self.canary_percent, int)
+                or not 0 < self.canary_percent < 100):
+            raise InvalidRequest(f"canary must be a percentage from 1 to 99; got {self.canary_percent!r}.")
+        _check_resources(self.resources)
+        _check_labels(self.node_selector, "node selector")
+        _check_labels(self.pod_labels, "pod labels")
+        if not isinstance(self.env, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                                      for k, v in self.env.items()):
+            raise InvalidRequest("env must map names to strings.")
+        return self
+
+    @property
+    def model_uri(self) -> str:
+        """What the scoring server loads: the registry URI, resolved through MLFLOW_TRACKING_URI."""
+        return f"models:/{self.model_name}/{self.version}"
+
+    def labels(self) -> dict[str, str]:
+        return {**owner_labels(self.username, KIND_SERVING), LABEL_DEPLOYMENT: self.name}
+
+    def annotations(self) -> dict[str, str]:
+        record = {"model": self.model, "model_name": self.model_name, "version": self.version,
+                  "created": self.created}
+        return {ANNOTATION_USERNAME: self.username,
+                ANNOTATION_SPEC: json.dumps(record, sort_keys=True, separators=(",", ":"))}
+
+
+def _placement(plan: ServingPlan) -> dict[str, Any]:
+    spec: dict[str, Any] = {}
+    if plan.node_selector:
+        spec["nodeSelector"] = dict(plan.node_selector)
+    if plan.node_affinity:
+        spec["affinity"] = {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {
+            "nodeSelectorTerms": [{"matchExpressions": [dict(e) for e in plan.node_affinity]}]}}}
+    if plan.tolerations:
+        spec["tolerations"] = [dict(t) for t in plan.tolerations]
+    return spec
+
+
+def inference_service(plan: ServingPlan) -> dict[str, Any]:
+    """KServe ``InferenceService`` v1beta1 serving the MLflow model at ``storageUri``.
+
+    ``canaryTrafficPercent`` sends that share of traffic to this (new) revision,
+    the rest stays on the last ready one: ``%deploy --canary N`` on an existing
+    deployment.
+    """
+    plan.validate()
+    model: dict[str, Any] = {"modelFormat": {"name": "mlflow"}, "protocolVersion": "v2",
+                             "storageUri": plan.storage_uri}
+    if plan.resources:
+        model["resources"] = {k: dict(v) for k, v in plan.resources.items() if v}
+    if plan.env:
+        model["env"] = [{"name": k, "value": v} for k, v in sorted(plan.env.items())]
+    predictor: dict[str, Any] = {"minReplicas": plan.min_replicas, "maxReplicas": plan.max_replicas,
+                                 "model": model, **_placement(plan)}
+    if plan.canary_percent is not None:
+        predictor["canaryTrafficPercent"] = plan.canary_percent
+    return {"apiVersion": "serving.kserve.io/v1beta1", "kind": "InferenceService",
+            "metadata": _meta(plan.name, plan.namespace, plan.labels(), plan.annotations()),
+            "spec": {"predictor": predictor}}
+
+
+def scoring_deployment(plan: ServingPlan) -> dict[str, Any]:
+    """``apps/v1`` Deployment running ``mlflow models serve`` on the registered version."""
+    plan.validate()
+    selector = {LABEL_DEPLOYMENT: plan.name, LABEL_KIND: KIND_SERVING}
+    container: dict[str, Any] = {
+        "name": "scoring",
+        "image": plan.image,
+        "command": ["mlflow", "models", "serve", "--model-uri", plan.model_uri, "--host", "0.0.0.0",
+                    "--port", str(SCORING_PORT), "--env-manager", "local"],
+        "env": [{"name": k, "value": v} for k, v in sorted(plan.env.items())],
+        "ports": [{"name": "http", "containerPort": SCORING_PORT, "protocol": "TCP"}],
+        "readinessProbe": {"httpGet": {"path": "/ping", "port": SCORING_PORT}, "periodSeconds": 5},
+        "securityContext": _security_context(),
+    }
+    if plan.resources:
+        container["resources"] = {k: dict(v) for k, v in plan.resources.items() if v}
+    return {"apiVersion": "apps/v1", "kind": "Deployment",
+            "metadata": _meta(plan.name, plan.namespace, plan.labels(), plan.annotations()),
+            "spec": {"replicas": max(plan.min_replicas, 1),
+                     "selector": {"matchLabels": selector},
+                     "template": {"metadata": {"labels": {**plan.pod_labels, **plan.labels()},
+                                               "annotations": {ANNOTATION_USERNAME: plan.username}},
+                                  "spec": {"automountServiceAccountToken": False, "enableServiceLinks": False,
+                                           "containers": [container], **_placement(plan)}}}}
+
+
+def scoring_service(plan: ServingPlan, owner: dict[str, Any] | None = None) -> dict[str, Any]:
+    return {"apiVersion": "v1", "kind": "Service",
+            "metadata": _meta(plan.name, plan.namespace, plan.labels(), {ANNOTATION_USERNAME: plan.username}, owner),
+            "spec": {"selector": {LABEL_DEPLOYMENT: plan.name, LABEL_KIND: KIND_SERVING},
+                     "ports": [{"name": "http", "port": 80, "targetPort": SCORING_PORT, "protocol": "TCP"}]}}
+
+
+def scoring_hpa(plan: ServingPlan, owner: dict[str, Any] | None = None) -> dict[str, Any]:
+    """``autoscaling/v2`` HPA between min (at least 1: HPA cannot scale to zero) and max replicas."""
+    return {"apiVersion": "autoscaling/v2", "kind": "HorizontalPodAutoscaler",
+            "metadata": _meta(plan.name, plan.namespace, plan.labels(), {ANNOTATION_USERNAME: plan.username}, owner),
+            "spec": {"scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": plan.name},
+                     "minReplicas": max(plan.min_replicas, 1),
+                     "maxReplicas": max(plan.max_replicas, 1),
+                     "metrics": [{"type": "Resource", "resource": {"name": "cpu", "target": {
+                         "type": "Utilization", "averageUtilization": plan.target_cpu_utilization}}}]}}
+
+
+def deployment_url(name: str, namespace: str, kserve: bool) -> str:
+    """In-cluster URL answering predictions (what ``%predict`` posts to)."""
+    if kserve:
+        return f"http://{name}-predictor.{namespace}.svc.cluster.local/v2/models/{name}/infer"
+    return f"http://{name}.{namespace}.svc.cluster.local/invocations"
+
+
+# --------------------------------------------------------------------------- the service's own RBAC
+
+
+def service_rbac(namespace: str, service_account: str = "hubml",
+                 service_account_namespace: str | None = None) -> list[dict[str, Any]]:
+    """The least privilege the hub service needs: a Role in the jobs namespace, plus
+    read-only nodes/pods cluster-wide for profile availability (optional: without
+    the ClusterRole the service runs and leaves availability out).
+
+    No rights on Secrets, RBAC, namespaces or anything outside ``namespace``;
+    training pods get no token (``automountServiceAccountToken: false``).
+    """
+    sa_ns = service_account_namespace or namespace
+    verbs_rw = ["create", "get", "list", "watch", "patch", "delete"]
+    role = {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
+            "metadata": {"name": "hubml-service", "namespace": namespace},
+            "rules": [
+                {"apiGroups": ["batch"], "resources": ["jobs"], "verbs": list(verbs_rw)},
+                {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]},
+                {"apiGroups": [""], "resources": ["pods/log"], "verbs": ["get"]},
+                {"apiGroups": [""], "resources": ["services", "configmaps"],
+                 "verbs": ["create", "get", "patch", "delete"]},
+                {"apiGroups": ["networking.k8s.io"], "resources": ["networkpolicies"],
+                 "verbs": ["create", "get", "patch", "delete"]},
+                {"apiGroups": ["apps"], "resources": ["deployments"], "verbs": list(verbs_rw)},
+                {"apiGroups": ["autoscaling"], "resources": ["horizontalpodautoscalers"],
+                 "verbs": ["create", "get", "patch", "delete"]},
+                {"apiGroups": ["kubeflow.org"], "resources": ["pytorchjobs"], "verbs": list(verbs_rw)},
+                {"apiGroups": ["serving.kserve.io"], "resources": ["inferenceservices"], "verbs": list(verbs_rw)},
+            ]}
+    binding = {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+               "metadata": {"name": "hubml-service", "namespace": namespace},
+               "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "hubml-service"},
+               "subjects": [{"kind": "ServiceAccount", "name": service_account, "namespace": sa_ns}]}
+    cluster_role = {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
+                    "metadata": {"name": f"hubml-service-availability-{namespace}"},
+                    "rules": [{"apiGroups": [""], "resources": ["nodes", "pods"], "verbs": ["get", "list", "watch"]}]}
+    cluster_binding = {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
+                       "metadata": {"name": f"hubml-service-availability-{namespace}"},
+                       "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole",
+                                   "name": f"hubml-service-availability-{namespace}"},
+                       "subjects": [{"kind": "ServiceAccount", "name": service_account, "namespace": sa_ns}]}
+    return [role, binding, cluster_role, cluster_binding]

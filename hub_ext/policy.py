@@ -1,0 +1,398 @@
+"""What a user may ask the hub service for, decided without I/O.
+
+Where the objects go: ONE shared namespace (``HubMLService.namespace``) with
+label scoping, not a namespace per user. Why: the service then needs a
+namespaced Role in one namespace instead of cluster-wide rights to create
+namespaces and RBAC (least privilege), and one NetworkPolicy/quota setup per
+hub. Isolation comes from (a) every object carrying ``hubml.io/user`` and the
+exact user name in the ``hubml.io/username`` annotation, (b) every read,
+cancel and delete checking that owner (``require_owner``: 404 when the object
+does not exist, 403 when it is someone else's), (c) lists being label-selected
+by the caller's slug and then filtered on the exact name, (d) training pods
+getting no service-account token and a NetworkPolicy that lets them reach
+only their own job, DNS and MLflow. A user can never name a namespace: the
+API has no such field.
+
+The functions here turn a validated request (``TrainSpec``/``DeploySpec``),
+the caller (name + groups) and the configuration into a ``TrainingPlan`` /
+``ServingPlan``, or raise ``InvalidRequest`` (400) / ``Forbidden`` (403) with
+a paragraph saying what to change.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from hubml.errors import Forbidden, InvalidRequest, NotFound
+from hubml.jobs import JobState, JobStatus, TrainSpec, WorkerStatus
+from hubml.models import DeploySpec
+from hubml.profiles import Catalogue, Profile, UnknownProfileError
+
+from . import objects
+
+
+@dataclass(frozen=True)
+class Caller:
+    """The hub user behind a request, as HubAuth reported them."""
+
+    name: str
+    groups: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Policy:
+    """The administrator's limits (from the service's traitlets)."""
+
+    namespace: str
+    catalogue: Catalogue
+    default_image: str
+    serving_image: str
+    allowed_images: tuple[str, ...] = ()   # anchored regexes; images of the profiles are always allowed
+    max_gpus_per_user: int = 8             # GPU units held by running jobs at once
+    max_active_jobs_per_user: int = 4
+    max_workers: int = 16
+    max_deployments_per_user: int = 4
+    backoff_limit: int = 0
+    ttl_seconds_after_finished: int = 7 * 86400
+    python: str = "python"
+
+    def __post_init__(self) -> None:
+        for rx in self.allowed_images:
+            if not (rx.startswith("^") and rx.endswith("$")):
+                raise ValueError(f"allowed_images entry {rx!r} must be anchored with ^ and $.")
+            re.compile(rx)
+
+
+# --------------------------------------------------------------------------- profiles and images
+
+
+def resolve_profile(policy: Policy, caller: Caller, name: str | None) -> Profile | None:
+    """The profile a request runs with: the named one, else the catalogue's default.
+
+    Refuses profiles of groups the caller is not in (403), unknown names (400).
+    """
+    if name is None:
+        profile = policy.catalogue.default
+        if profile is not None and not profile.allowed_for(caller.groups):
+            allowed = [p for p in policy.catalogue.allowed_for(caller.groups)]
+            profile = allowed[0] if allowed else None
+        return profile
+    try:
+        profile = policy.catalogue.get(name)
+    except UnknownProfileError as e:
+        raise InvalidRequest(f"--profile {name!r}: {e}. List them with GET /profiles or %profiles.") from None
+    if not profile.allowed_for(caller.groups):
+        raise Forbidden(
+            f"Profile {name!r} is reserved for the group(s) {', '.join(profile.groups)}, and {caller.name!r} is in "
+            f"none of them. Choose another profile or ask an administrator to add you to one of those groups."
+        )
+    return profile
+
+
+def choose_image(policy: Policy, profile: Profile | None, requested: str | None) -> str:
+    """The image: the requested one if the profile or the allow-list permits it, else the default.
+
+    Allowed: an image of the profile's choices, one matching the profile's
+    ``custom_image`` regex, or one matching ``allowed_images``.
+    """
+    if requested is None:
+        if profile is not None and profile.images:
+            default = next((c for c in profile.images if c.default), profile.images[0])
+            return default.image
+        return policy.default_image
+    if not isinstance(requested, str):
+        raise InvalidRequest("image must be a string such as 'quay.io/jupyter/pytorch-notebook:2025-01-06'.")
+    objects._check_image(requested)
+    choices = {c.image for c in profile.images} if profile is not None else set()
+    if requested in choices or requested == policy.default_image:
+        return requested
+    if profile is not None and profile.custom_image and re.match(profile.custom_image.validation_regex, requested):
+        return requested
+    if any(re.match(rx, requested) for rx in policy.allowed_images):
+        return requested
+    raise Forbidden(
+        f"Image {requested!r} is not on this hub's allow-list. Use the profile's image "
+        f"({', '.join(sorted(choices)) or policy.default_image}) or ask an administrator to allow it."
+    )
+
+
+def _quantity_cpu(cores: float) -> str:
+    milli = int(round(cores * 1000))
+    return str(milli // 1000) if milli % 1000 == 0 else f"{milli}m"
+
+
+def profile_resources(profile: Profile | None, gpus: int) -> dict[str, dict[str, str]]:
+    """requests/limits for one pod: the profile's CPU and memory, ``gpus`` of its GPU resource."""
+    requests: dict[str, str] = {}
+    limits: dict[str, str] = {}
+    if profile is not None:
+        if profile.cpu is not None:
+            requests["cpu"] = _quantity_cpu(profile.cpu)
+        if (profile.cpu_limit or profile.cpu) is not None:
+            limits["cpu"] = _quantity_cpu(profile.cpu_limit or profile.cpu)
+        if profile.memory_bytes is not None:
+            requests["memory"] = str(profile.memory_bytes)
+        if (profile.memory_limit_bytes or profile.memory_bytes) is not None:
+            limits["memory"] = str(profile.memory_limit_bytes or profile.memory_bytes)
+        if profile.gpu and gpus:
+            requests[profile.gpu.resource] = str(gpus)
+            limits[profile.gpu.resource] = str(gpus)
+    out: dict[str, dict[str, str]] = {}
+    if requests:
+        out["requests"] = requests
+    if limits:
+        out["limits"] = limits
+    return out
+
+
+def gpus_for(profile: Profile | None, asked: int) -> int:
+    """GPUs (or MIG slices/shares) each worker gets: what was asked, at most what the profile holds.
+
+    ``--gpus-per-worker 0`` with a GPU profile means "the profile's GPUs".
+    """
+    if profile is None or profile.gpu is None:
+        if asked:
+            raise InvalidRequest(
+                f"--gpus-per-worker {asked} needs a GPU profile, and "
+                f"{'profile ' + repr(profile.name) if profile else 'the default profile'} has no GPU. "
+                f"Pass --profile with a GPU profile (see %profiles)."
+            )
+        return 0
+    if asked == 0:
+        return profile.gpu.count
+    if asked > profile.gpu.count:
+        raise InvalidRequest(
+            f"--gpus-per-worker {asked} is more than profile {profile.name!r} gives one worker "
+            f"({profile.gpu.count}). Lower --gpus-per-worker or choose a larger profile; use --workers to add GPUs."
+        )
+    return asked
+
+
+def gpu_units(profile: Profile | None, gpus: int, workers: int) -> int:
+    """GPU units a job holds against the per-user quota (a time-sliced share counts 1)."""
+    if profile is None or profile.gpu is None or not gpus:
+        return 0
+    per_worker = 1 if profile.gpu.shared else gpus
+    return per_worker * workers
+
+
+def check_quota(policy: Policy, caller: Caller, workers: int, units: int, active: list[JobStatus]) -> None:
+    """Refuse a job that would pass the per-user limits (403, naming the jobs holding them)."""
+    if workers > policy.max_workers:
+        raise Forbidden(
+            f"--workers {workers} is more than this hub allows per job ({policy.max_workers}). "
+            f"Use fewer workers or more GPUs per worker."
+        )
+    running = [j for j in active if not j.state.finished]
+    if len(running) >= policy.max_active_jobs_per_user:
+        raise Forbidden(
+            f"You already have {len(running)} unfinished job(s) ({', '.join(j.id for j in running)}); the limit is "
+            f"{policy.max_active_jobs_per_user}. Wait for one to finish or cancel it with %train_cancel."
+        )
+    held = sum(int(j.gpus_per_worker or 0) * j.workers for j in running)
+    if held + units > policy.max_gpus_per_user:
+        raise Forbidden(
+            f"This job needs {units} GPU(s) and your running jobs hold {held}; the limit per user is "
+            f"{policy.max_gpus_per_user}. Cancel a job, or ask for fewer workers or GPUs."
+        )
+
+
+# --------------------------------------------------------------------------- plans
+
+
+def plan_training(policy: Policy, caller: Caller, spec: TrainSpec, *, job_id: str,
+                  mlflow_env: dict[str, str], record: dict[str, Any], image: str | None = None,
+                  active: list[JobStatus] = (), extra_pod_annotations: dict[str, str] | None = None
+                  ) -> objects.TrainingPlan:
+    """Turn a ``%%train`` request into the plan of its Kubernetes objects (or refuse it)."""
+    spec.validate()
+    profile = resolve_profile(policy, caller, spec.profile)
+    gpus = gpus_for(profile, spec.gpus_per_worker)
+    check_quota(policy, caller, spec.workers, gpu_units(profile, gpus, spec.workers), list(active))
+    chosen = choose_image(policy, profile, image)
+    record = {**record, "gpus_per_worker": gpus, "profile": profile.name if profile else None}
+    annotations = dict(profile.pod_annotations()) if profile else {}
+    annotations.update(extra_pod_annotations or {})
+    plan = objects.TrainingPlan(
+        job_id=job_id, namespace=policy.namespace, username=caller.name, image=chosen, code=spec.code,
+        workers=spec.workers, nproc_per_node=max(gpus, 1) if not (profile and profile.gpu and profile.gpu.shared) else 1,
+        resources=profile_resources(profile, gpus),
+        node_selector=profile.node_selector() if profile else {},
+        node_affinity=profile.node_affinity() if profile else [],
+        tolerations=profile.tolerations() if profile else [],
+        env=dict(spec.env), system_env={**mlflow_env, "HUBML_JOB_ID": job_id},
+        pod_labels=profile.pod_labels() if profile else {},
+        pod_annotations=annotations,
+        record=record, backoff_limit=policy.backoff_limit,
+        ttl_seconds_after_finished=policy.ttl_seconds_after_finished,
+        active_deadline_seconds=int(spec.timeout) if spec.timeout else None,
+        python=policy.python,
+    )
+    return plan.validate()
+
+
+#: KServe derives "<name>-predictor-..." object and host names; keep room for them.
+MAX_KSERVE_NAME = 45
+
+
+def plan_serving(policy: Policy, caller: Caller, spec: DeploySpec, *, version: int, storage_uri: str,
+                 kserve: bool, env: dict[str, str], existing: list[str] = ()) -> objects.ServingPlan:
+    spec.validate()
+    if kserve and len(spec.name) > MAX_KSERVE_NAME:
+        raise InvalidRequest(
+            f"Deployment name {spec.name!r} is {len(spec.name)} characters; KServe adds suffixes to it, so use at "
+            f"most {MAX_KSERVE_NAME}."
+        )
+    if spec.canary_percent is not None and not kserve:
+        raise InvalidRequest(
+            "--canary needs KServe (the InferenceService CRD), which this cluster does not have; deploy without "
+            "--canary, or ask an administrator to install KServe."
+        )
+    if spec.name not in existing and len(existing) >= policy.max_deployments_per_user:
+        raise Forbidden(
+            f"You already have {len(existing)} deployment(s) ({', '.join(existing)}); the limit is "
+            f"{policy.max_deployments_per_user}. Remove one with %undeploy first."
+        )
+    profile = resolve_profile(policy, caller, spec.profile)
+    gpus = profile.gpu.count if profile is not None and profile.gpu else 0
+    plan = objects.ServingPlan(
+        name=spec.name, namespace=policy.namespace, username=caller.name, model=str(spec.model),
+        model_name=spec.model.name, version=version, storage_uri=storage_uri, image=policy.serving_image,
+        min_replicas=spec.min_replicas, max_replicas=max(spec.max_replicas, 1), canary_percent=spec.canary_percent,
+        resources=profile_resources(profile, gpus),
+        node_selector=profile.node_selector() if profile else {},
+        node_affinity=profile.node_affinity() if profile else [],
+        tolerations=profile.tolerations() if profile else [],
+        pod_labels=profile.pod_labels() if profile else {}, env=dict(env), created=time.time(),
+    )
+    return plan.validate()
+
+
+# --------------------------------------------------------------------------- ownership
+
+
+def require_owner(obj: dict[str, Any] | None, caller: Caller, what: str, name: str) -> dict[str, Any]:
+    """404 when absent or not made by hubml, 403 when it is another user's."""
+    if obj is None:
+        raise NotFound(f"{what} {name!r} does not exist (it may have been removed after it finished).")
+    labels = (obj.get("metadata") or {}).get("labels") or {}
+    if labels.get(objects.LABEL_MANAGED_BY) != objects.MANAGED_BY:
+        raise NotFound(f"{what} {name!r} does not exist.")
+    if not objects.owned_by(obj, caller.name):
+        raise Forbidden(f"{what} {name!r} belongs to another user; you can only see and change your own.")
+    return obj
+
+
+# --------------------------------------------------------------------------- status
+
+
+def _record(obj: dict[str, Any]) -> dict[str, Any]:
+    import json
+
+    raw = ((obj.get("metadata") or {}).get("annotations") or {}).get(objects.ANNOTATION_SPEC, "{}")
+    try:
+        data = json.loads(raw)
+    except ValueError:
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _ts(value: str | None) -> float | None:
+    if not value:
+        return None
+    from datetime import datetime
+
+    return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+
+
+def _pod_state(pod: dict[str, Any]) -> tuple[JobState, int | None]:
+    status = pod.get("status") or {}
+    phase = status.get("phase")
+    exit_code = None
+    for cs in status.get("containerStatuses") or ():
+        term = (cs.get("state") or {}).get("terminated")
+        if term is not None:
+            exit_code = term.get("exitCode")
+    if phase == "Succeeded":
+        return JobState.SUCCEEDED, exit_code if exit_code is not None else 0
+    if phase == "Failed":
+        return JobState.FAILED, exit_code if exit_code is not None else 1
+    if phase == "Running":
+        return JobState.RUNNING, None
+    return JobState.PENDING, None
+
+
+def pod_rank(pod: dict[str, Any]) -> int | None:
+    meta = pod.get("metadata") or {}
+    for source in (meta.get("labels") or {}, meta.get("annotations") or {}):
+        value = source.get(objects.COMPLETION_INDEX_LABEL)
+        if value is not None and str(value).isdigit():
+            return int(value)
+    labels = meta.get("labels") or {}
+    if labels.get("training.kubeflow.org/replica-index", "").isdigit():
+        offset = 0 if labels.get("training.kubeflow.org/replica-type", "").lower() == "master" else 1
+        return int(labels["training.kubeflow.org/replica-index"]) + offset
+    return None
+
+
+def job_status(job: dict[str, Any], pods: list[dict[str, Any]]) -> JobStatus:
+    """A ``JobStatus`` from a Job (or PyTorchJob) and its pods, as the API server reports them.
+
+    The newest pod per rank wins (a replacement pod after a failure). A worker
+    that ended non-zero makes the job failed, naming the rank and exit code;
+    the Job's own ``Failed`` condition (deadline, backoff) explains the rest.
+    """
+    meta = job.get("metadata") or {}
+    rec = _record(job)
+    workers = int(rec.get("workers") or 1)
+    annotations = meta.get("annotations") or {}
+    by_rank: dict[int, dict[str, Any]] = {}
+    for pod in sorted(pods, key=lambda p: (p.get("metadata") or {}).get("creationTimestamp") or ""):
+        rank = pod_rank(pod)
+        if rank is not None:
+            by_rank[rank] = pod
+    worker_states = []
+    for rank in range(workers):
+        pod = by_rank.get(rank)
+        state, code = _pod_state(pod) if pod else (JobState.PENDING, None)
+        worker_states.append(WorkerStatus(rank=rank, state=state, exit_code=code))
+    conditions = {c.get("type"): c for c in (job.get("status") or {}).get("conditions") or ()
+                  if c.get("status") == "True"}
+    status = job.get("status") or {}
+    failed = [w for w in worker_states if w.state is JobState.FAILED]
+    message = ""
+    if annotations.get(objects.ANNOTATION_CANCELLED):
+        state = JobState.CANCELLED
+        message = "Cancelled by the user."
+    elif "Complete" in conditions or "Succeeded" in conditions:
+        state = JobState.SUCCEEDED
+    elif "Failed" in conditions or failed:
+        state = JobState.FAILED
+        cond = conditions.get("Failed") or {}
+        message = cond.get("message") or cond.get("reason") or ""
+    elif worker_states and all(w.state in (JobState.RUNNING, JobState.SUCCEEDED) for w in worker_states):
+        state = JobState.RUNNING
+    else:
+        state = JobState.PENDING
+    first_failed = min(failed, key=lambda w: w.rank) if failed else None
+    if state is JobState.FAILED and first_failed is not None:
+        message = (f"Worker {first_failed.rank} exited with code {first_failed.exit_code}. " + message).strip()
+    created = _ts(meta.get("creationTimestamp")) or float(rec.get("created") or 0)
+    finished_at = None
+    if state.finished:
+        finished_at = _ts(status.get("completionTime")) or _ts((conditions.get("Failed") or {}).get(
+            "lastTransitionTime")) or _ts(annotations.get(objects.ANNOTATION_CANCELLED) if
+                                          annotations.get(objects.ANNOTATION_CANCELLED, "").endswith("Z") else None)
+    started = _ts(status.get("startTime"))
+    return JobStatus(
+        id=meta.get("name", ""), state=state, workers=workers, backend="hub", created=created,
+        started=started, finished=finished_at, run_id=rec.get("run_id"), experiment_id=rec.get("experiment_id"),
+        experiment=rec.get("experiment"), run_name=rec.get("run_name"), profile=rec.get("profile"),
+        gpus_per_worker=int(rec.get("gpus_per_worker") or 0),
+        failed_rank=first_failed.rank if state is JobState.FAILED and first_failed else None,
+        exit_code=first_failed.exit_code if state is JobState.FAILED and first_failed else None,
+        message=message, worker_states=worker_states,
+    )

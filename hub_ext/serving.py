@@ -1,0 +1,185 @@
+"""Deployments on Kubernetes: KServe InferenceService where installed, else Deployment + Service + HPA.
+
+Deployment names share the service's namespace: a name another user holds
+answers 409 on create and 403 on read/delete, never that user's data.
+Deploying again under one's own name replaces the model in place (a rolling
+update of the Deployment, or a new KServe revision, optionally as a canary),
+so the endpoint never goes away.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+from hubml import names
+from hubml.errors import Conflict, InvalidRequest, NotFound
+from hubml.models import DeploySpec, DeploymentInfo, ModelRef
+
+from . import kube as k
+from . import objects, policy as pol
+from .mlflow_registry import MlflowRegistry
+from .training import CrdCache
+
+_DEPLOY_FIELDS = {"model", "name", "profile", "min_replicas", "max_replicas", "canary_percent"}
+
+
+def deploy_spec_from_body(body: dict[str, Any]) -> DeploySpec:
+    unknown = sorted(set(body) - _DEPLOY_FIELDS)
+    if unknown:
+        raise InvalidRequest(f"Unknown field(s) in deployment request: {', '.join(unknown)}.")
+    if "model" not in body or "name" not in body:
+        raise InvalidRequest("A deployment request needs 'model' (NAME, NAME@alias or NAME/version) and 'name'.")
+    kw = {key: body[key] for key in ("profile", "min_replicas", "max_replicas", "canary_percent") if key in body}
+    return DeploySpec(model=ModelRef.parse(body["model"]), name=body["name"], **kw).validate()
+
+
+def _record(obj: dict[str, Any]) -> dict[str, Any]:
+    raw = ((obj.get("metadata") or {}).get("annotations") or {}).get(objects.ANNOTATION_SPEC, "{}")
+    try:
+        data = json.loads(raw)
+    except ValueError:
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def deployment_info(obj: dict[str, Any]) -> DeploymentInfo:
+    """A ``DeploymentInfo`` from an InferenceService or a Deployment, as the API server reports it."""
+    meta = obj.get("metadata") or {}
+    rec = _record(obj)
+    status = obj.get("status") or {}
+    name = meta.get("name", "")
+    namespace = meta.get("namespace", "")
+    message = ""
+    if obj.get("kind") == "InferenceService":
+        conds = {c.get("type"): c for c in status.get("conditions") or ()}
+        ready = conds.get("Ready") or {}
+        state = "ready" if ready.get("status") == "True" else "failed" if ready.get("reason") in (
+            "RevisionFailed", "ContainerHealthy") else "starting"
+        message = ready.get("message") or ""
+        url = objects.deployment_url(name, namespace, kserve=True)
+    else:
+        conds = {c.get("type"): c for c in status.get("conditions") or ()}
+        if (status.get("readyReplicas") or 0) >= 1:
+            state = "ready"
+        elif (conds.get("ReplicaFailure") or {}).get("status") == "True" or \
+                (conds.get("Progressing") or {}).get("reason") == "ProgressDeadlineExceeded":
+            state = "failed"
+            message = (conds.get("ReplicaFailure") or conds.get("Progressing") or {}).get("message", "")
+        else:
+            state = "starting"
+        url = objects.deployment_url(name, namespace, kserve=False)
+    return DeploymentInfo(name=name, model=str(rec.get("model", "")), version=int(rec.get("version") or 0),
+                          url=url, state=state, backend="hub", created=float(rec.get("created") or 0),
+                          message=message)
+
+
+class Serving:
+    def __init__(self, kube: k.Kube, registry: MlflowRegistry, policy: pol.Policy, crds: CrdCache, *,
+                 flavour: str = "auto", mlflow_pod_uri: str) -> None:
+        self.kube = kube
+        self.registry = registry
+        self.policy = policy
+        self.crds = crds
+        self.flavour = flavour
+        self.mlflow_pod_uri = mlflow_pod_uri
+
+    @property
+    def ns(self) -> str:
+        return self.policy.namespace
+
+    async def _kserve(self) -> bool:
+        if self.flavour == "deployment":
+            return False
+        if self.flavour == "kserve":
+            return True
+        return (await self.crds.get()).get("InferenceService", False)
+
+    async def _objects(self, caller: pol.Caller) -> list[dict[str, Any]]:
+        labels = {objects.LABEL_USER: objects.user_slug(caller.name), objects.LABEL_KIND: objects.KIND_SERVING}
+        kinds = [k.DEPLOYMENT] + ([k.INFERENCE_SERVICE] if (await self.crds.get()).get("InferenceService") else [])
+        found = await asyncio.gather(*(self.kube.list(r, self.ns, labels=labels) for r in kinds))
+        return [o for items in found for o in items if objects.owned_by(o, caller.name)]
+
+    async def _find(self, name: str) -> dict[str, Any] | None:
+        if (await self.crds.get()).get("InferenceService"):
+            obj = await self.kube.get_or_none(k.INFERENCE_SERVICE, self.ns, name)
+            if obj is not None:
+                return obj
+        return await self.kube.get_or_none(k.DEPLOYMENT, self.ns, name)
+
+    async def list(self, caller: pol.Caller) -> list[DeploymentInfo]:
+        infos = [deployment_info(o) for o in await self._objects(caller)]
+        return sorted(infos, key=lambda d: d.name)
+
+    async def get(self, caller: pol.Caller, name: str) -> DeploymentInfo:
+        self._check_name(name)
+        obj = pol.require_owner(await self._find(name), caller, "Deployment", name)
+        return deployment_info(obj)
+
+    @staticmethod
+    def _check_name(name: str) -> None:
+        try:
+            names.dns_label(name, "Deployment name")
+        except InvalidRequest:
+            raise NotFound(f"Deployment {name!r} does not exist.") from None
+
+    async def deploy(self, caller: pol.Caller, body: dict[str, Any]) -> DeploymentInfo:
+        spec = deploy_spec_from_body(body)
+        kserve = await self._kserve()
+        existing_obj = await self._find(spec.name)
+        if existing_obj is not None and not objects.owned_by(existing_obj, caller.name):
+            raise Conflict(f"The deployment name {spec.name!r} is taken by another user; choose another --name.")
+        mine = [o["metadata"]["name"] for o in await self._objects(caller)]
+        # policy first (cheap, no I/O), then the registry
+        pol.plan_serving(self.policy, caller, spec, version=1, storage_uri="models:/x/1", kserve=kserve,
+                         env={}, existing=mine)
+        version, uri = await asyncio.to_thread(self.registry.resolve, caller.name, spec.model)
+        plan = pol.plan_serving(self.policy, caller, spec, version=version, storage_uri=uri, kserve=kserve,
+                                env={"MLFLOW_TRACKING_URI": self.mlflow_pod_uri}, existing=mine)
+        if kserve:
+            isvc = objects.inference_service(plan)
+            if existing_obj is not None and existing_obj.get("kind") == "InferenceService":
+                obj = await self.kube.patch(k.INFERENCE_SERVICE, self.ns, spec.name,
+                                            {"metadata": {"annotations": isvc["metadata"]["annotations"]},
+                                             "spec": isvc["spec"]})
+            else:
+                if existing_obj is not None:
+                    await self._delete_trio(caller, spec.name)
+                obj = await self.kube.create(isvc)
+            return deployment_info(obj)
+        if spec.canary_percent is not None:
+            raise InvalidRequest("--canary needs KServe, which this cluster does not have.")
+        dep = objects.scoring_deployment(plan)
+        if existing_obj is not None and existing_obj.get("kind") == "Deployment":
+            obj = await self.kube.patch(k.DEPLOYMENT, self.ns, spec.name,
+                                        {"metadata": {"annotations": dep["metadata"]["annotations"]},
+                                         "spec": dep["spec"]})
+            await self.kube.patch(k.HPA, self.ns, spec.name, {"spec": objects.scoring_hpa(plan)["spec"]})
+            return deployment_info(obj)
+        obj = await self.kube.create(dep)
+        try:
+            owner = objects.owner_reference(obj)
+            await asyncio.gather(self.kube.create(objects.scoring_service(plan, owner)),
+                                 self.kube.create(objects.scoring_hpa(plan, owner)))
+        except BaseException:
+            await self._delete_trio(caller, spec.name)
+            raise
+        return deployment_info(obj)
+
+    async def _delete_trio(self, caller: pol.Caller, name: str) -> None:
+        """Delete the Deployment, Service and HPA called ``name`` that are the caller's (only those)."""
+        for res in (k.DEPLOYMENT, k.SERVICE, k.HPA):
+            obj = await self.kube.get_or_none(res, self.ns, name)
+            if obj is not None and objects.owned_by(obj, caller.name) and \
+                    (obj["metadata"].get("labels") or {}).get(objects.LABEL_KIND) == objects.KIND_SERVING:
+                await self.kube.delete(res, self.ns, name)
+
+    async def delete(self, caller: pol.Caller, name: str) -> None:
+        self._check_name(name)
+        obj = pol.require_owner(await self._find(name), caller, "Deployment", name)
+        if obj.get("kind") == "InferenceService":
+            await self.kube.delete(k.INFERENCE_SERVICE, self.ns, name)
+        else:
+            await self._delete_trio(caller, name)

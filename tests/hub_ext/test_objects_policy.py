@@ -1,0 +1,250 @@
+"""Pure manifest builders and policy: shapes, validation corpus, ownership, quotas."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from hubml.errors import Forbidden, InvalidRequest, NotFound
+from hubml.hub_ext import objects, policy as pol
+from hubml.jobs import JobState, JobStatus, TrainSpec
+from hubml.models import DeploySpec, ModelRef
+
+ALICE = pol.Caller("alice", ("ml-team",))
+BOB = pol.Caller("bob", ())
+
+
+def _plan(policy, caller=ALICE, **spec_kw):
+    spec = TrainSpec(code="print('hi')\n", **spec_kw)
+    return pol.plan_training(policy, caller, spec, job_id="train-0123456789",
+                             mlflow_env={"MLFLOW_TRACKING_URI": "http://mlflow:5000", "MLFLOW_RUN_ID": "abc"},
+                             record={"workers": spec.workers, "run_id": "abc", "created": 1.0})
+
+
+def test_indexed_job_shape(policy):
+    plan = _plan(policy, workers=4, profile="a100", gpus_per_worker=2, env={"LR": "0.1"}, timeout=600)
+    job = objects.indexed_job(plan)
+    spec = job["spec"]
+    assert (spec["completionMode"], spec["completions"], spec["parallelism"]) == ("Indexed", 4, 4)
+    assert spec["suspend"] is False and spec["backoffLimit"] == 0 and spec["activeDeadlineSeconds"] == 600
+    assert spec["ttlSecondsAfterFinished"] == 7 * 86400
+    pod = spec["template"]["spec"]
+    assert pod["subdomain"] == "train-0123456789" and pod["restartPolicy"] == "Never"
+    assert pod["automountServiceAccountToken"] is False
+    c = pod["containers"][0]
+    cmd = c["command"]
+    assert cmd[:3] == ["python", "-m", "torch.distributed.run"]
+    assert cmd[cmd.index("--nnodes") + 1] == "4" and cmd[cmd.index("--nproc-per-node") + 1] == "2"
+    assert cmd[cmd.index("--rdzv-backend") + 1] == "c10d"
+    assert cmd[cmd.index("--rdzv-endpoint") + 1] == "train-0123456789-0.train-0123456789:29400"
+    assert cmd[cmd.index("--node-rank") + 1] == "$(NODE_RANK)"
+    env = {e["name"]: e for e in c["env"]}
+    assert env["NODE_RANK"]["valueFrom"]["fieldRef"]["fieldPath"].endswith("['batch.kubernetes.io/job-completion-index']")
+    assert env["LR"]["value"] == "0.1" and env["MLFLOW_RUN_ID"]["value"] == "abc"
+    assert env["HUBML_JOB_ID"]["value"] == "train-0123456789"
+    assert c["resources"]["limits"]["nvidia.com/gpu"] == "2" and c["resources"]["requests"]["cpu"] == "4"
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
+    labels = job["metadata"]["labels"]
+    assert labels[objects.LABEL_USER] == "alice" and labels[objects.LABEL_KIND] == "training"
+    assert labels[objects.LABEL_JOB] == "train-0123456789"
+    tpl_labels = spec["template"]["metadata"]["labels"]
+    assert tpl_labels[objects.LABEL_JOB] == "train-0123456789" and tpl_labels["hubml.io/profile"] == "a100"
+    record = json.loads(job["metadata"]["annotations"][objects.ANNOTATION_SPEC])
+    assert record["gpus_per_worker"] == 2 and record["profile"] == "a100"
+
+
+def test_dependants_are_owned_and_scoped(policy):
+    plan = _plan(policy, workers=2)
+    owner = objects.owner_reference({"apiVersion": "batch/v1", "kind": "Job",
+                                     "metadata": {"name": plan.job_id, "uid": "u-1"}})
+    svc = objects.rendezvous_service(plan, owner)
+    assert svc["spec"]["clusterIP"] == "None" and svc["spec"]["publishNotReadyAddresses"] is True
+    assert svc["spec"]["selector"][objects.LABEL_JOB] == plan.job_id
+    cm = objects.code_config_map(plan, owner)
+    assert cm["data"]["train.py"] == "print('hi')\n" and cm["metadata"]["ownerReferences"][0]["uid"] == "u-1"
+    np_ = objects.training_network_policy(plan, objects.mlflow_egress_from_uri("http://mlflow.ml:5000"), owner)
+    assert np_["spec"]["policyTypes"] == ["Ingress", "Egress"]
+    ports = [p for rule in np_["spec"]["egress"] for p in rule.get("ports", [])]
+    assert {"protocol": "TCP", "port": 5000} in ports and {"protocol": "UDP", "port": 53} in ports
+    # nothing else: every egress rule names peers (no rule without "to" = no open egress)
+    assert all(rule.get("to") for rule in np_["spec"]["egress"])
+
+
+def test_pytorch_job_shape(policy):
+    plan = _plan(policy, workers=3)
+    pj = objects.pytorch_job(plan)
+    reps = pj["spec"]["pytorchReplicaSpecs"]
+    assert reps["Master"]["replicas"] == 1 and reps["Worker"]["replicas"] == 2
+    assert reps["Master"]["template"]["spec"]["containers"][0]["name"] == "pytorch"
+    assert pj["spec"]["runPolicy"]["suspend"] is False
+
+
+def test_mig_and_shared_profiles(policy):
+    mig = _plan(policy, profile="mig-small")
+    c = objects.indexed_job(mig)["spec"]["template"]["spec"]["containers"][0]
+    assert c["resources"]["limits"]["nvidia.com/mig-1g.10gb"] == "1"
+    assert objects.indexed_job(mig)["spec"]["template"]["spec"]["nodeSelector"]["nvidia.com/mig.strategy"] == "mixed"
+    shared = _plan(policy, profile="t4-shared")
+    assert shared.nproc_per_node == 1
+
+
+def test_user_slug_is_label_safe_and_distinct():
+    a = objects.user_slug("a@example.org")
+    b = objects.user_slug("a-example.org")
+    assert a != b and len(a) <= 63
+    assert objects.user_slug("alice") == "alice"
+
+
+@pytest.mark.parametrize("kwargs, fragment", [
+    ({"profile": "nope"}, "unknown profile"),
+    ({"gpus_per_worker": 1}, "needs a GPU profile"),
+    ({"profile": "a100", "gpus_per_worker": 3}, "more than profile 'a100'"),
+    ({"workers": 0}, "--workers"),
+    ({"env": {"RANK": "1"}}, "cannot be overridden"),
+    ({"env": {"1X": "1"}}, "not a valid environment"),
+    ({"profile": "Bad_Name"}, "not a valid name"),
+    ({"timeout": -1}, "--timeout"),
+])
+def test_training_bad_input(policy, kwargs, fragment):
+    with pytest.raises(InvalidRequest, match=fragment):
+        _plan(policy, **kwargs)
+
+
+@pytest.mark.parametrize("kwargs, fragment", [
+    ({"workers": 17}, "more than this hub allows"),
+    ({"profile": "team-only"}, "reserved for the group"),
+])
+def test_training_forbidden(policy, kwargs, fragment):
+    with pytest.raises(Forbidden, match=fragment):
+        _plan(policy, BOB, **kwargs)
+
+
+def test_quota_counts_running_jobs(policy):
+    running = [JobStatus(id=f"j{i}", state=JobState.RUNNING, workers=2, backend="hub", created=0,
+                         gpus_per_worker=2) for i in range(2)]
+    pol.check_quota(policy, ALICE, 1, 0, running)  # 8 held, CPU job fine
+    with pytest.raises(Forbidden, match="limit per user is 8"):
+        pol.check_quota(policy, ALICE, 1, 2, running)
+    running.append(JobStatus(id="j9", state=JobState.PENDING, workers=1, backend="hub", created=0))
+    with pytest.raises(Forbidden, match="unfinished job"):
+        pol.check_quota(policy, ALICE, 1, 0, running)
+    done = [JobStatus(id="d", state=JobState.SUCCEEDED, workers=8, backend="hub", created=0, gpus_per_worker=8)]
+    pol.check_quota(policy, ALICE, 1, 8, done)
+
+
+def test_image_allow_list(policy, catalogue):
+    team = catalogue.get("team-only")
+    assert pol.choose_image(policy, team, None) == "quay.io/hubml/torch:2.15"
+    assert pol.choose_image(policy, None, None) == "quay.io/hubml/runtime:1"
+    assert pol.choose_image(policy, None, "registry.example.org/ml/x:1") == "registry.example.org/ml/x:1"
+    with pytest.raises(Forbidden, match="allow-list"):
+        pol.choose_image(policy, team, "docker.io/evil/miner:latest")
+    with pytest.raises(InvalidRequest, match="image reference"):
+        pol.choose_image(policy, team, "bad image; rm -rf /")
+    with pytest.raises(ValueError, match="anchored"):
+        pol.Policy(namespace="x", catalogue=catalogue, default_image="a", serving_image="b",
+                   allowed_images=("registry.example.org/.*",))
+
+
+def test_ownership():
+    obj = {"metadata": {"labels": {objects.LABEL_MANAGED_BY: "hubml", objects.LABEL_USER: "alice"},
+                        "annotations": {objects.ANNOTATION_USERNAME: "alice"}}}
+    assert pol.require_owner(obj, ALICE, "Job", "x") is obj
+    with pytest.raises(Forbidden):
+        pol.require_owner(obj, BOB, "Job", "x")
+    with pytest.raises(NotFound):
+        pol.require_owner(None, ALICE, "Job", "x")
+    foreign = {"metadata": {"labels": {objects.LABEL_USER: "alice"}}}
+    with pytest.raises(NotFound):
+        pol.require_owner(foreign, ALICE, "Job", "x")
+    # a label alone (forged slug) is not enough: the exact name must match too
+    forged = {"metadata": {"labels": {objects.LABEL_MANAGED_BY: "hubml", objects.LABEL_USER: "alice"},
+                           "annotations": {objects.ANNOTATION_USERNAME: "alice2"}}}
+    with pytest.raises(Forbidden):
+        pol.require_owner(forged, ALICE, "Job", "x")
+
+
+def _serving(policy, kserve=True, **kw):
+    spec = DeploySpec(model=ModelRef.parse("iris-clf@champion"), name=kw.pop("name", "iris"), **kw)
+    return pol.plan_serving(policy, ALICE, spec, version=3, storage_uri="mlflow-artifacts://h/1/models/m/artifacts",
+                            kserve=kserve, env={"MLFLOW_TRACKING_URI": "http://mlflow:5000"})
+
+
+def test_inference_service_shape(policy):
+    isvc = objects.inference_service(_serving(policy, min_replicas=1, max_replicas=3, canary_percent=10))
+    pred = isvc["spec"]["predictor"]
+    assert pred["model"]["modelFormat"] == {"name": "mlflow"}
+    assert pred["model"]["storageUri"].startswith("mlflow-artifacts://")
+    assert (pred["minReplicas"], pred["maxReplicas"], pred["canaryTrafficPercent"]) == (1, 3, 10)
+    assert isvc["metadata"]["labels"][objects.LABEL_DEPLOYMENT] == "iris"
+
+
+def test_scoring_trio_shape(policy):
+    plan = _serving(policy, kserve=False, min_replicas=0, max_replicas=4)
+    dep, svc, hpa = objects.scoring_deployment(plan), objects.scoring_service(plan), objects.scoring_hpa(plan)
+    assert dep["spec"]["replicas"] == 1
+    cmd = dep["spec"]["template"]["spec"]["containers"][0]["command"]
+    assert cmd[:3] == ["mlflow", "models", "serve"] and "models:/iris-clf/3" in cmd
+    assert dep["spec"]["selector"]["matchLabels"].items() <= dep["spec"]["template"]["metadata"]["labels"].items()
+    assert svc["spec"]["selector"] == dep["spec"]["selector"]["matchLabels"]
+    assert hpa["apiVersion"] == "autoscaling/v2" and (hpa["spec"]["minReplicas"], hpa["spec"]["maxReplicas"]) == (1, 4)
+
+
+@pytest.mark.parametrize("kw, kserve, err, fragment", [
+    ({"canary_percent": 10}, False, InvalidRequest, "needs KServe"),
+    ({"name": "x" * 50}, True, InvalidRequest, "at most 45"),
+    ({"name": "Bad"}, True, InvalidRequest, "not a valid name"),
+    ({"min_replicas": 3, "max_replicas": 2}, True, InvalidRequest, "--max-replicas"),
+    ({"profile": "team-only"}, True, None, None),
+])
+def test_serving_bad_input(policy, kw, kserve, err, fragment):
+    if err is None:
+        assert _serving(policy, kserve=kserve, **kw).resources["limits"]["nvidia.com/gpu"] == "1"
+        return
+    with pytest.raises(err, match=fragment):
+        _serving(policy, kserve=kserve, **kw)
+
+
+def test_serving_plan_rejects_bad_storage_uri(policy):
+    plan = _serving(policy)
+    from dataclasses import replace
+
+    with pytest.raises(InvalidRequest, match="storageUri"):
+        replace(plan, storage_uri="models:/iris/3; rm").validate()
+
+
+def _pod(rank, phase, code=None, ts="2026-01-01T00:00:00Z"):
+    status = {"phase": phase}
+    if code is not None:
+        status["containerStatuses"] = [{"name": "worker", "state": {"terminated": {"exitCode": code}}}]
+    return {"metadata": {"labels": {objects.COMPLETION_INDEX_LABEL: str(rank)}, "creationTimestamp": ts},
+            "status": status}
+
+
+def _job(**extra):
+    job = {"metadata": {"name": "train-1", "creationTimestamp": "2026-01-01T00:00:00Z",
+                        "annotations": {objects.ANNOTATION_SPEC: json.dumps({"workers": 3, "run_id": "r"})}},
+           "status": {}}
+    job["metadata"]["annotations"].update(extra.pop("annotations", {}))
+    job["status"].update(extra)
+    return job
+
+
+def test_job_status_from_pods():
+    st = pol.job_status(_job(), [_pod(0, "Running"), _pod(1, "Running")])
+    assert st.state is JobState.PENDING and [w.state for w in st.worker_states][2] is JobState.PENDING
+    st = pol.job_status(_job(startTime="2026-01-01T00:00:05Z"), [_pod(i, "Running") for i in range(3)])
+    assert st.state is JobState.RUNNING and st.started is not None and st.run_id == "r"
+    st = pol.job_status(_job(), [_pod(0, "Running"), _pod(1, "Failed", 3), _pod(2, "Running")])
+    assert (st.state, st.failed_rank, st.exit_code) == (JobState.FAILED, 1, 3)
+    assert "Worker 1 exited with code 3" in st.message
+    done = _job(conditions=[{"type": "Complete", "status": "True"}], completionTime="2026-01-01T00:01:00Z")
+    st = pol.job_status(done, [_pod(i, "Succeeded", 0) for i in range(3)])
+    assert st.state is JobState.SUCCEEDED and st.finished is not None
+    st = pol.job_status(_job(annotations={objects.ANNOTATION_CANCELLED: "2026-01-01T00:02:00Z"}), [])
+    assert st.state is JobState.CANCELLED and st.finished is not None
+    # a replacement pod (newer) wins over the failed one of the same rank
+    st = pol.job_status(_job(), [_pod(0, "Failed", 1, "2026-01-01T00:00:00Z"),
+                                 _pod(0, "Running", None, "2026-01-01T00:00:09Z")])
+    assert st.worker_states[0].state is JobState.RUNNING
