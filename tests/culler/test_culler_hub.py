@@ -1,0 +1,465 @@
+"""The culler against a real JupyterHub + configurable-http-proxy, the fleet of
+single-user stand-ins and a real Prometheus scraping DCGM-format metrics.
+
+Durations are scaled down (timeouts of seconds) because the hub only moves
+``last_activity`` forward: idleness is produced by waiting, activity by the
+hub's activity API.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+
+import pytest
+from tornado import web
+from tornado.httpserver import HTTPServer
+
+from culler_env import NAMESPACE, kernel, start_env
+from fault_proxy import FaultProxy
+from hubml.culler.app import CullerApp
+from hubml.culler.policy import Action
+from hubml_testing.ports import free_port
+
+pytestmark = [pytest.mark.hub, pytest.mark.slow]
+
+PROFILES = json.dumps({
+    "a100": {"idle_timeout": "3s", "gpu": 1},
+    "long": {"idle_timeout": "1h"},
+})
+
+
+def now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def make_culler(env, *args: str, api_url: str | None = None):
+    """Build the culler the way ``python -m hubml.culler`` does, from argv."""
+    app = CullerApp()
+    base = [
+        f"--api-url={api_url or env.hub.api_url}",
+        "--server-base-url", env.hub.url.rstrip("/"),
+        f"--CullerApp.api_token={env.culler_token}",
+        "--timeout=3s",
+        "--grace-period=0",
+        f"--profiles={PROFILES}",
+        f"--namespace={NAMESPACE}",
+        "--prometheus-step=1",
+        "--gpu-idle-window=3s",
+    ]
+    names = {a.split("=", 1)[0] for a in args}
+    app.initialize([a for a in base if a.split("=", 1)[0] not in names] + list(args))
+    return app, app.build()
+
+
+def decisions(report) -> dict[str, tuple[str, str]]:
+    return {o.label: (o.decision.action.value, o.decision.reason) for o in report.outcomes}
+
+
+async def test_decisions_server_by_server(jupyterhub_factory, prometheus_factory, tmp_path):
+    env = start_env(jupyterhub_factory, tmp_path)
+    hub, fleet = env.hub, env.fleet
+    prom = prometheus_factory([fleet.metrics_target], scrape_interval="1s")
+    t0 = now()
+    layout = {
+        # label: (user, server, profile, kernels, gpu util or None)
+        "alice": ("alice", "", None, [], None),
+        "bob": ("bob", "", None, [kernel("k", "idle", t0)], None),
+        "carol": ("carol", "", None, [kernel("k", "busy", t0)], None),
+        "dave/gpu1": ("dave", "gpu1", "a100", [kernel("k", "busy", t0)], [0]),
+        "erin": ("erin", "", "a100", [kernel("k", "busy", t0)], [85]),
+        "frank": ("frank", "", "a100", [kernel("k", "busy", t0, connections=1)], [0]),
+        "gina": ("gina", "", "long", [], None),
+        "hank": ("hank", "", None, None, None),  # kernels endpoint answers 500
+        "ivan": ("ivan", "", "a100", [], None),  # GPU profile but no DCGM series
+        "judy/exp": ("judy", "exp", None, [kernel("k", "idle", t0)], None),
+    }
+    pods = {"dave/gpu1": "jupyter-dave--gpu1", "erin": "jupyter-erin", "frank": "jupyter-frank"}
+    for label, (user, server, profile, kernels, util) in layout.items():
+        hub.start_server(user, server, {"profile": profile} if profile else {})
+        if kernels is None:
+            fleet.set_server(user, server, status=500)
+        else:
+            fleet.set_server(user, server, kernels=kernels)
+        if util is not None:
+            fleet.set_gpu(NAMESPACE, pods[label], util)
+    prom.wait_for("DCGM_FI_DEV_GPU_UTIL", min_results=3, timeout=30)
+    await asyncio.sleep(4.5)  # everyone's hub activity is now older than 3 s
+
+    app, culler = make_culler(env, f"--prometheus-url={prom.url}")
+    # judy's kernel just ran a cell, bob touched his server: both are activity
+    fleet.set_server("judy", "exp", kernels=[kernel("k", "idle", now())])
+    hub.set_activity("bob", now())
+    r1 = await culler.run_pass()
+    assert not r1.partial
+    assert decisions(r1) == {
+        "alice": ("cull", "idle"),
+        "bob": ("keep", "active"),
+        "carol": ("keep", "kernel-busy"),
+        "dave/gpu1": ("keep", "kernel-busy"),  # busy run only starts being observed now
+        "erin": ("keep", "kernel-busy"),
+        "frank": ("keep", "kernel-busy"),
+        "gina": ("keep", "active"),
+        "hank": ("skip", "kernels-unavailable"),
+        "ivan": ("skip", "gpu-data-unavailable"),
+        "judy/exp": ("keep", "active"),
+    }
+    assert "" not in hub.servers("alice")
+    for user, server in [("bob", ""), ("carol", ""), ("dave", "gpu1"), ("hank", ""), ("ivan", ""), ("judy", "exp")]:
+        assert hub.servers(user)[server]["ready"], f"{user}/{server} must still run"
+
+    await asyncio.sleep(3.5)  # dave's loop has now been busy, unattended, GPU-idle for the window
+    hub.set_activity("bob", now())
+    fleet.set_server("judy", "exp", kernels=[kernel("k", "idle", now())])
+    r2 = await culler.run_pass()
+    d2 = decisions(r2)
+    assert d2["dave/gpu1"] == ("cull", "gpu-idle")
+    assert d2["erin"] == ("keep", "kernel-busy")  # GPU busy: real work
+    assert d2["frank"] == ("keep", "kernel-busy")  # someone attached to the kernel
+    assert d2["carol"] == ("keep", "kernel-busy")  # CPU profile: busy kernel is work
+    assert d2["bob"] == ("keep", "active")
+    assert d2["hank"][0] == "skip" and d2["ivan"][0] == "skip"
+    assert "gpu1" not in hub.servers("dave")
+    assert hub.servers("erin")[""]["ready"] and hub.servers("frank")[""]["ready"]
+
+    # metrics: culls by reason and profile, GPU-hours, skips
+    from prometheus_client import generate_latest
+
+    text = generate_latest(app.metrics.registry).decode()
+    assert 'hubml_culler_culls_total{profile="default",reason="idle"} 1.0' in text
+    assert 'hubml_culler_culls_total{profile="a100",reason="gpu-idle"} 1.0' in text
+    assert 'hubml_culler_skipped_total{reason="kernels-unavailable"} 2.0' in text
+    gpu_hours = [line for line in text.splitlines() if line.startswith('hubml_culler_gpu_hours_reclaimed_total{profile="a100"}')]
+    assert gpu_hours and float(gpu_hours[0].split()[-1]) > 0
+    culler.hub.close()
+
+
+async def test_grace_period_warns_and_activity_cancels(jupyterhub_factory, tmp_path):
+    env = start_env(jupyterhub_factory, tmp_path)
+    hub = env.hub
+    events: list[dict] = []
+
+    class Hook(web.RequestHandler):
+        def post(self):
+            events.append(json.loads(self.request.body))
+            self.set_status(204)
+
+    port = free_port()
+    server = HTTPServer(web.Application([(r"/hook", Hook)]))
+    server.listen(port, "127.0.0.1")
+    try:
+        for user in ("alice", "bob"):
+            hub.start_server(user)
+        await asyncio.sleep(3.5)
+        app, culler = make_culler(env, "--grace-period=2s", f"--webhook-url=http://127.0.0.1:{port}/hook")
+        r1 = await culler.run_pass()
+        assert decisions(r1) == {"alice": ("warn", "idle"), "bob": ("warn", "idle")}
+        assert [n.server for n in app.board.for_user("alice")] == [""]
+        assert app.board.for_user("carol") == []
+        assert sorted((e["event"], e["user"]) for e in events) == [("warning", "alice"), ("warning", "bob")]
+
+        hub.set_activity("alice", now())  # alice comes back during the grace period
+        r2 = await culler.run_pass()
+        assert decisions(r2) == {"alice": ("keep", "activity-during-grace"), "bob": ("grace", "idle")}
+        assert app.board.for_user("alice") == [] and len(app.board.for_user("bob")) == 1
+
+        await asyncio.sleep(2.2)
+        r3 = await culler.run_pass()
+        assert decisions(r3)["bob"] == ("cull", "idle")
+        assert decisions(r3)["alice"][0] in ("warn", "keep")  # a new warning at most, never a cull
+        assert "" not in hub.servers("bob")
+        assert hub.servers("alice")[""]["ready"]
+        kinds = [(e["event"], e["user"]) for e in events]
+        assert ("cancelled", "alice") in kinds and ("culled", "bob") in kinds
+        assert ("culled", "alice") not in kinds
+        culler.hub.close()
+    finally:
+        server.stop()
+
+
+async def test_own_kernel_reads_are_not_taken_for_user_activity(jupyterhub_factory, tmp_path):
+    """The proxy records our kernel reads as route activity and the hub copies
+    it into last_activity; the culler must not let that cancel its own cull."""
+    from hubml.culler.hub import parse_time
+
+    env = start_env(jupyterhub_factory, tmp_path, extra={"JupyterHub.last_activity_interval": 1})
+    hub = env.hub
+    hub.start_server("alice")
+    await asyncio.sleep(3.5)
+    _, culler = make_culler(env, "--grace-period=2s")
+    before = parse_time(hub.servers("alice")[""]["last_activity"])
+    r1 = await culler.run_pass()
+    assert decisions(r1) == {"alice": ("warn", "idle")}
+    await asyncio.sleep(2.5)
+    after = parse_time(hub.servers("alice")[""]["last_activity"])
+    assert after > before  # the premise: our read came back as hub activity
+    r2 = await culler.run_pass()
+    assert decisions(r2) == {"alice": ("cull", "idle")}
+    assert "" not in hub.servers("alice")
+    culler.hub.close()
+
+
+async def test_faults_never_cause_a_wrong_cull(jupyterhub_factory, prometheus_factory, tmp_path):
+    env = start_env(jupyterhub_factory, tmp_path)
+    hub, fleet = env.hub, env.fleet
+    for user in ("alice", "bob", "carol"):
+        hub.start_server(user)
+    hub.start_server("slow", options={"stop_delay": 3})
+    hub.start_server("gpu", options={"profile": "a100"})
+    await asyncio.sleep(3.5)
+    proxy = FaultProxy(hub.url.rstrip("/")).start()
+    api = proxy.url + "/hub/api"
+    dead_prom = f"http://127.0.0.1:{free_port()}"  # nothing listens: Prometheus is down
+    try:
+        # 1. the user list answers 500
+        proxy.add("GET", r"/hub/api/users\?", status=500)
+        _, culler = make_culler(env, "--api-page-size=2", f"--prometheus-url={dead_prom}", api_url=api)
+        r = await culler.run_pass()
+        assert r.partial and r.by_action(Action.CULL) == []
+
+        # 2. first page fine, second page 500: a partial list culls nothing
+        proxy.clear()
+        proxy.add("GET", r"/hub/api/users\?.*offset=2", status=503)
+        r = await culler.run_pass()
+        assert r.partial and len(r.outcomes) == 2
+        assert {o.decision.reason for o in r.outcomes} == {"partial-user-list"}
+
+        # 3. the user list hangs past the request timeout
+        proxy.clear()
+        proxy.add("GET", r"/hub/api/users\?", delay=3)
+        _, slow_culler = make_culler(env, "--request-timeout=1", f"--prometheus-url={dead_prom}", api_url=api)
+        r = await slow_culler.run_pass()
+        assert r.partial and r.by_action(Action.CULL) == []
+        slow_culler.hub.close()
+        for user in ("alice", "bob", "carol", "slow", "gpu"):
+            assert hub.servers(user)[""]["ready"], f"{user} culled during a hub fault"
+
+        # 4. kernels hang (bob) or fail (carol), stop refused for alice (502),
+        #    stop answered 202 for 'slow', Prometheus down for 'gpu'
+        proxy.clear()
+        fleet.set_server("bob", kernels=[], delay=3)
+        fleet.set_server("carol", status=503)
+        proxy.add("DELETE", r"/users/alice/server", status=502)
+        _, culler2 = make_culler(env, "--kernel-timeout=1", f"--prometheus-url={dead_prom}", api_url=api)
+        r = await culler2.run_pass()
+        d = decisions(r)
+        assert d["bob"] == ("skip", "kernels-unavailable")
+        assert d["carol"] == ("skip", "kernels-unavailable")
+        assert d["gpu"] == ("skip", "gpu-data-unavailable")
+        assert d["alice"] == ("cull", "idle") and d["slow"] == ("cull", "idle")
+        out = {o.label: o for o in r.outcomes}
+        assert not out["alice"].stopped and "502" in out["alice"].error
+        assert out["slow"].stop_pending and not out["slow"].stopped
+        assert hub.servers("alice")[""]["ready"]  # the hub never got the stop
+        for user in ("bob", "carol", "gpu"):
+            assert hub.servers(user)[""]["ready"]
+        # the next pass sees 'slow' stopping and does not ask again
+        stops_before = culler2.hub.requests["stop"]
+        r = await culler2.run_pass()
+        if "slow" in decisions(r):
+            assert decisions(r)["slow"][0] == "keep"
+        assert culler2.hub.requests["stop"] - stops_before == 1  # only alice's retried stop
+        culler2.hub.close()
+        culler.hub.close()
+
+        # the same GPU server with Prometheus up and reporting 0% is culled,
+        # which shows the skip above came from the missing data
+        fleet.set_gpu(NAMESPACE, "jupyter-gpu", [0])
+        prom = prometheus_factory([fleet.metrics_target], scrape_interval="1s")
+        prom.wait_for("DCGM_FI_DEV_GPU_UTIL")
+        _, culler3 = make_culler(env, f"--prometheus-url={prom.url}")
+        r = await culler3.run_pass()
+        assert decisions(r)["gpu"] == ("cull", "idle")
+        culler3.hub.close()
+    finally:
+        proxy.stop()
+
+
+def _run_cli(env, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "hubml.culler", *args],
+        env=dict(os.environ, JUPYTERHUB_API_TOKEN=env.culler_token, JUPYTERHUB_API_URL=env.hub.api_url),
+        capture_output=True, text=True, timeout=timeout,
+    )
+
+
+def test_dry_run_lists_and_changes_nothing(jupyterhub_factory, tmp_path):
+    env = start_env(jupyterhub_factory, tmp_path)
+    hub = env.hub
+    hub.start_server("alice")
+    hub.start_server("bob", options={"profile": "a100"})
+    hub.start_server("carol")
+    time.sleep(3.5)
+    hub.set_activity("carol", now())
+    res = _run_cli(
+        env, "--dry-run", "--timeout", "3s", f"--profiles={PROFILES}",
+        "--server-base-url", hub.url.rstrip("/"),
+    )
+    assert res.returncode == 0, res.stderr
+    lines = res.stdout.splitlines()
+    assert any(line.startswith("would cull alice profile=- reason=idle") for line in lines), res.stdout
+    bob = [line for line in lines if line.startswith("would cull bob ")]
+    assert bob and "profile=a100" in bob[0] and "gpus=1" in bob[0]
+    assert float(bob[0].rsplit("gpu_hours=", 1)[1]) > 0
+    assert not any("carol" in line for line in lines)
+    assert "2 server(s) would be culled" in lines[-1]
+    for user in ("alice", "bob", "carol"):
+        assert hub.servers(user)[""]["ready"]
+
+
+BAD_ARGS = [
+    (["--timeout=abc"], "not a duration"),
+    (["--timeout", "-5"], "duration"),
+    (["--grace-period=forever"], "not a duration"),
+    (["--concurrency=0"], "at least 1"),
+    (["--api-page-size", "0"], "at least 1"),
+    (["--gpu-idle-threshold=101"], "percentage"),
+    (["--cull-every=0"], "greater than 0"),
+    (["--profiles={not json"], "does not parse"),
+    (["--profiles=/does/not/exist.yaml"], "neither inline JSON"),
+    (['--profiles={"a100": {"idle_timeout": "soon"}}'], "not a duration"),
+    (['--profiles={"a100": {"gpus": 1}}'], "unknown keys"),
+    (["--spawner-profiles=/nope.yaml"], "is not a file"),
+    (["--prometheus-url=prometheus:9090"], "http(s) URL"),
+    (["--webhook-url=ftp://x"], "http(s) URL"),
+    (["--pod-name-template=jupyter-{user}"], "pod_name_template"),
+    (["--tiemout=30m"], "unknown option --tiemout"),
+    (["--CullerApp.nonsense=1"], "unknown option"),
+    (["surprise"], "unexpected arguments"),
+    (["--config=/no/such/config.py"], "does not exist"),
+]
+
+
+@pytest.fixture(scope="module")
+def cli_env(tmp_path_factory):
+    """One hub for the whole bad-input corpus, with an idle server to protect."""
+    from hubml_testing.jupyterhub import start_hub
+
+    class Factory:
+        hubs: list = []
+
+        def __call__(self, **kw):
+            hub = start_hub(tmp_path_factory.mktemp("cli-hub"), **kw)
+            self.hubs.append(hub)
+            return hub
+
+    factory = Factory()
+    env = start_env(factory, tmp_path_factory.mktemp("cli-fleet"))
+    env.hub.start_server("alice")
+    time.sleep(1.2)
+    yield env
+    for hub in factory.hubs:
+        hub.stop()
+
+
+def _main_with(env, extra: list[str]) -> int:
+    from hubml.culler.app import main
+
+    base = [
+        f"--api-url={env.hub.api_url}", "--server-base-url", env.hub.url.rstrip("/"),
+        "--timeout=1s", "--grace-period=0", "--once",
+    ]
+    # a bad value for an option the base sets replaces it (repeats are refused)
+    names = {a.split("=", 1)[0] for a in extra if a.startswith("--")}
+    base = [a for a in base if a.split("=", 1)[0] not in names]
+    os.environ["JUPYTERHUB_API_TOKEN"] = env.culler_token
+    try:
+        return main([*base, *extra])
+    finally:
+        os.environ.pop("JUPYTERHUB_API_TOKEN", None)
+
+
+@pytest.mark.parametrize("bad, message", BAD_ARGS, ids=[" ".join(b) for b, _ in BAD_ARGS])
+def test_cli_rejects_bad_input_and_changes_nothing(bad, message, cli_env, capsys):
+    rc = _main_with(cli_env, bad)
+    captured = capsys.readouterr()
+    err = captured.err + captured.out
+    assert rc == 2
+    assert message in err
+    assert "Nothing was changed" in err
+    assert cli_env.hub.servers("alice")[""]["ready"]
+
+
+def test_cli_control_the_same_valid_arguments_do_cull(cli_env, capsys):
+    """Shows the corpus above was refused for its bad value, not by accident."""
+    rc = _main_with(cli_env, ["--flag-that-does-not-exist"][:0])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert "culled alice profile=- reason=idle" in out
+    assert "" not in cli_env.hub.servers("alice")
+
+
+def test_runs_as_hub_service_with_notices_and_metrics(jupyterhub_factory, tmp_path):
+    """The hub starts ``python -m hubml.culler`` as a managed service with the
+    documented role; users read their own notices through the proxy."""
+    import urllib.error
+    import urllib.request
+
+    from culler_env import CULLER_SCOPES
+
+    port = free_port()
+    service = {
+        "url": f"http://127.0.0.1:{port}",
+        "command": [
+            sys.executable, "-m", "hubml.culler",
+            "--timeout=2s", "--grace-period=1h", "--cull-every=1s",
+            "--server-base-url", "PLACEHOLDER",
+        ],
+    }
+    from culler_env import hub_config
+    import secrets
+
+    from hubml_testing.singleuser_fleet import start_fleet
+
+    fleet_port, public_port = free_port(), free_port()
+    service["command"][-1] = f"http://127.0.0.1:{public_port}"
+    cfg = hub_config(fleet_port, secrets.token_hex(16), service=service)
+    hub = jupyterhub_factory(config=cfg, public_port=public_port)
+    fleet = start_fleet(hub.api_url, hub.admin_token, tmp_path, port=fleet_port)
+    try:
+        assert cfg["JupyterHub.load_roles"][0]["scopes"] == CULLER_SCOPES
+        hub.start_server("alice")
+        hub.create_users("bob")
+        alice_token = hub.create_token("alice")
+        bob_token = hub.create_token("bob")
+
+        class NoRedirect(urllib.request.HTTPRedirectHandler):
+            def redirect_request(self, *args, **kwargs):
+                return None
+
+        opener = urllib.request.build_opener(NoRedirect)
+
+        def get(path, token=None):
+            req = urllib.request.Request(hub.url + path, headers={"Authorization": f"token {token}"} if token else {})
+            try:
+                with opener.open(req, timeout=10) as r:
+                    return r.status, r.read().decode()
+            except urllib.error.HTTPError as e:
+                return e.code, e.read().decode()
+
+        deadline = time.monotonic() + 60
+        notices: list = []
+        while time.monotonic() < deadline:
+            status, body = get("services/hubml-culler/notices", alice_token)
+            if status == 200:
+                notices = json.loads(body)["notices"]
+                if notices:
+                    break
+            time.sleep(0.5)
+        assert [(n["user"], n["server"], n["reason"]) for n in notices] == [("alice", "", "idle")]
+        status, body = get("services/hubml-culler/notices", bob_token)
+        assert status == 200 and json.loads(body) == {"notices": []}  # never someone else's
+        status, page = get("services/hubml-culler/", alice_token)
+        assert status == 200 and "will be stopped" in page
+        status, _ = get("services/hubml-culler/notices")  # no credentials
+        assert status in (302, 403)
+        status, metrics = get("services/hubml-culler/metrics")
+        assert status == 200 and 'hubml_culler_warnings_total{reason="idle"}' in metrics
+        assert hub.servers("alice")[""]["ready"]  # grace period of an hour: not culled
+    finally:
+        fleet.stop()
