@@ -201,8 +201,12 @@ def node_manifest(
     }
 
 
-def node_ip(index: int, network: str = "10.0.0.0/16") -> str:
-    """The index-th host address of `network` (node InternalIPs, 10.0.0.1, 10.0.0.2 ...)."""
+def node_ip(index: int, network: str = "127.0.1.0/24") -> str:
+    """The index-th host address of `network` (node InternalIPs, 127.0.1.1, 127.0.1.2 ...).
+
+    Loopback addresses on purpose: the API server dials a node's InternalIP for
+    `pods/log` and `exec`, and a simulated node must never send it off this
+    machine (nor make it look a name up in DNS, hence InternalIP is preferred)."""
     return str(ipaddress.ip_network(network)[index + 1])
 
 
@@ -232,7 +236,7 @@ def scale_nodes(topology: Mapping[str, Any], count: int) -> list[dict[str, Any]]
     nodes = []
     for prof, n in counts.items():
         for i in range(n):
-            node = node_manifest(f"scale-{prof}-{i}", profiles[prof], common, node_ip(len(nodes), "10.1.0.0/16"))
+            node = node_manifest(f"scale-{prof}-{i}", profiles[prof], common, node_ip(len(nodes), "127.2.0.0/16"))
             # Keep the scheduler off scale nodes: tests sharing the cluster must
             # still land on the named topology nodes. Scale pods tolerate it.
             node["metadata"]["labels"][SCALE_LABEL] = "true"
@@ -910,6 +914,7 @@ def start_cluster(
             f"--client-ca-file={pki / 'ca.crt'}",
             f"--token-auth-file={pki / 'tokens.csv'}",
             "--authorization-mode=Node,RBAC",
+            "--kubelet-preferred-address-types=InternalIP",
             "--enable-admission-plugins=NodeRestriction,ResourceQuota,LimitRanger,ServiceAccount,DefaultTolerationSeconds",
             f"--service-account-issuer={SERVICE_ACCOUNT_ISSUER}",
             f"--service-account-key-file={pki / 'sa.pub'}",
@@ -960,7 +965,7 @@ def start_cluster(
             "--node-lease-duration-seconds=40",
             f"--server-address=127.0.0.1:{ports['kwok']}",
             "--cidr=10.244.0.1/16",
-            "--node-ip=10.0.0.1",
+            "--node-ip=127.0.1.1",
         ])
 
         rest = cluster.rest

@@ -247,4 +247,4 @@ def test_every_node_gets_its_own_internal_ip(topology: dict) -> None:
     nodes = kc.topology_nodes(topology) + kc.scale_nodes(topology, 300)
     ips = [next(a["address"] for a in n["status"]["addresses"] if a["type"] == "InternalIP") for n in nodes]
     assert len(set(ips)) == len(nodes)
-    assert ips[0] == "10.0.0.1"
+    assert ips[0] == "127.0.1.1"
