@@ -192,7 +192,7 @@ class HubMLService(Application):
             await self.kube.list(k.JOB, self.namespace)
         except k.Forbidden as e:
             self.exit_with(f"the service account may not list Jobs in namespace {self.namespace!r} ({e}); "
-                           f"apply the Role in dev/notes/hub_ext.md.")
+                           f"apply the Role in the README's 'Hub service RBAC' section (or install helm-values/hubml-extras).")
         except k.KubeError as e:
             self.exit_with(f"Kubernetes API unusable for namespace {self.namespace!r}: {e}")
         self.registry = MlflowRegistry(self.mlflow_tracking_uri)

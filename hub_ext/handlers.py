@@ -64,7 +64,7 @@ def _translate(e: BaseException) -> ApiError:
         return ApiError(404, f"Not found in the cluster: {e}")
     if isinstance(e, k.Forbidden):
         return ApiError(502, f"The hub service's Kubernetes service account is not allowed to do this ({e}); "
-                             f"an administrator must grant it the Role in dev/notes/hub_ext.md.")
+                             f"an administrator must grant it the Role in the README's 'Hub service RBAC' section (or install helm-values/hubml-extras).")
     if isinstance(e, k.KubeError):
         return ApiError(503, f"Kubernetes is unavailable: {e}")
     if isinstance(e, BackendError):
@@ -304,7 +304,7 @@ def routes(prefix: str) -> list[tuple[str, type[web.RequestHandler]]]:
 
 def scope_error(caller_name: str, needed: tuple[str, ...]) -> ApiError:
     return ApiError(403, f"The token of {caller_name!r} lacks the scope {' or '.join(needed)}. A notebook server "
-                         f"gets it from the hub's configuration (see dev/notes/hub_ext.md); for a token made by "
+                         f"gets it from the hub's configuration (see 'The hub service: JupyterHub configuration' in hubml's README); for a token made by "
                          f"hand, request it: POST /hub/api/users/<name>/tokens with \"scopes\": {list(needed)}.")
 
 

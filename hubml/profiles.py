@@ -167,7 +167,7 @@ class ProfileConfigError(ValueError):
         n = len(self.problems)
         header = (
             f"{source} has {n} problem{'s' if n != 1 else ''}; fix them and restart "
-            "(see dev/notes/spawner.md for the profile reference):"
+            "(see 'GPU profiles (HubMLSpawner)' in the Configuration reference of hubml's README):"
         )
         super().__init__("\n".join([header] + [f"  - {p}" for p in self.problems]))
 

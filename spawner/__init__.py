@@ -1,6 +1,6 @@
 """hubml's JupyterHub spawner: ``c.JupyterHub.spawner_class = "hubml"``.
 
-See :mod:`hubml.spawner.spawner` for the class and dev/notes/spawner.md for the
+See :mod:`hubml.spawner.spawner` for the class and the README's 'GPU profiles (HubMLSpawner)' reference for the
 admin's tour.  Importing this module inside a starting JupyterHub validates
 ``c.HubMLSpawner.gpu_profiles`` right away, so a misconfigured hub refuses to
 start (one line per problem) instead of failing at the first spawn.

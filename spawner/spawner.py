@@ -67,7 +67,7 @@ class HubMLSpawner(KubeSpawner):
         Validated when the hub starts: unknown keys, misspelled override trait
         names, MIG profiles that do not exist for the model, counts <= 0,
         duplicate names, several defaults and unanchored regexes are refused
-        with one line per problem.  See dev/notes/spawner.md for every key.
+        with one line per problem.  See the README's 'GPU profiles (HubMLSpawner)' reference for every key.
         """,
     ).tag(config=True)
 

@@ -93,7 +93,7 @@ def test_rbac_grants_exactly_what_hub_ext_needs():
         ("", res, verb) for res in ("nodes", "pods") for verb in ("get", "list", "watch")}
     binding = by_kind(docs, "ClusterRoleBinding")[0]
     assert {(s["name"], s["namespace"]) for s in binding["subjects"]} == {("hub", "hubml"), ("hubml-hub-ext", "hubml")}
-    # the spawner's quota check (dev/notes/spawner.md): read ResourceQuotas of the hub's namespace
+    # the spawner's quota check (README: "GPU profiles (HubMLSpawner)"): read ResourceQuotas of the hub's namespace
     quota = one(docs, "Role", "hubml-hub-quota-reader")
     assert permissions(quota["rules"]) == {("", "resourcequotas", v) for v in ("get", "list", "watch")}
     assert one(docs, "RoleBinding", "hubml-hub-quota-reader")["subjects"] == [

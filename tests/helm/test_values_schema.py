@@ -142,7 +142,7 @@ def test_notebook_and_user_roles_are_filtered_to_their_owner():
     server = set(by_name["server"]["scopes"])
     assert {"users:activity!user", "access:servers!server"} <= server, "JupyterHub's default server scopes"
     assert not server & TOO_BROAD
-    # users open the culler's notices page (dev/notes/culler.md); nothing else needs access:services
+    # users open the culler's notices page (README: "The GPU-aware culler"); nothing else needs access:services
     services_access = {s for s in server | set(by_name["user"]["scopes"]) if s.startswith("access:services")}
     assert services_access == {"access:services!service=hubml-culler"}, services_access
     assert "access:services!service=hubml-culler" in by_name["user"]["scopes"]

@@ -233,7 +233,7 @@ def test_empty_catalogue_is_allowed_and_has_no_default():
 def test_readme_mig_table_matches_the_catalogue():
     from pathlib import Path
 
-    notes = (Path(__file__).resolve().parents[2] / "dev" / "notes" / "spawner.md").read_text()
+    notes = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     for fam in MIG_CATALOGUE.values():
         row = (
             f"| {fam.name} | " + ", ".join(f"`{m}`" for m in fam.models) + " | "
