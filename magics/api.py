@@ -66,21 +66,28 @@ def default_deployment_name(ref: ModelRef) -> str:
 
 
 def deploy(model: str, name: str | None = None, *, port: int | None = None, timeout: float | None = None,
+           profile: str | None = None, min_replicas: int = 1, max_replicas: int = 1, canary: int | None = None,
            backend: str | None = None) -> DeploymentInfo:
     """Serve ``model`` (``NAME``, ``NAME@alias`` or ``NAME/version``); returns once it answers.
 
     Deploying again under the same ``name`` replaces the running server without
-    downtime: the new one must answer before the old one stops.
+    downtime: the new one must answer before the old one stops. ``profile``,
+    the replica bounds and ``canary`` (a traffic percentage for the new version)
+    need the hub backend; the local one serves exactly one replica.
     """
-    spec = deploy_request(model, name, port=port, timeout=timeout)
+    spec = deploy_request(model, name, port=port, timeout=timeout, profile=profile,
+                          min_replicas=min_replicas, max_replicas=max_replicas, canary=canary)
     return SESSION.backend(backend).deploy(spec, wait=timeout)
 
 
 def deploy_request(model: str, name: str | None = None, *, port: int | None = None,
-                   timeout: float | None = None) -> DeploySpec:
+                   timeout: float | None = None, profile: str | None = None, min_replicas: int = 1,
+                   max_replicas: int = 1, canary: int | None = None) -> DeploySpec:
     """The validated ``DeploySpec`` of a deploy call (pure: nothing is looked up or started)."""
     ref = ModelRef.parse(model)
-    spec = DeploySpec(model=ref, name=name if name is not None else default_deployment_name(ref), port=port)
+    spec = DeploySpec(model=ref, name=name if name is not None else default_deployment_name(ref), port=port,
+                      profile=profile, min_replicas=min_replicas, max_replicas=max_replicas,
+                      canary_percent=canary)
     spec.validate()
     if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
                                 or not 0 < timeout <= 3600):

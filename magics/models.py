@@ -100,6 +100,13 @@ class ModelMagics(Magics):
     @argument("--port", type=int, help="Local backend: serve on this 127.0.0.1 port (default: a free one).")
     @argument("--timeout", type=float, default=None,
               help="Seconds to wait for the server to answer (default 180); on timeout nothing is left running.")
+    @argument("--profile", help="Hub backend: the GPU/CPU profile of the serving pods (see the hub's profiles).")
+    @argument("--min-replicas", type=int, default=1, metavar="N",
+              help="Hub backend: fewest replicas the autoscaler keeps (0 lets KServe scale to zero; default 1).")
+    @argument("--max-replicas", type=int, default=1, metavar="N", help="Hub backend: most replicas (default 1).")
+    @argument("--canary", type=int, default=None, metavar="PERCENT",
+              help="Hub backend with KServe: redeploy under the same name sending PERCENT%% of the traffic "
+                   "to the new version (1-99); the rest stays on the running one.")
     @argument("--backend", help=_BACKEND_HELP)
     @line_magic
     def deploy(self, line: str) -> None:
@@ -109,7 +116,9 @@ class ModelMagics(Magics):
         """
         args = _parse(self.deploy, line)
         with user_errors():
-            spec = api.deploy_request(args.model, args.name, port=args.port, timeout=args.timeout)
+            spec = api.deploy_request(args.model, args.name, port=args.port, timeout=args.timeout,
+                                      profile=args.profile, min_replicas=args.min_replicas,
+                                      max_replicas=args.max_replicas, canary=args.canary)
             backend = SESSION.backend(args.backend)
             print(f"Deploying {spec.model} as {spec.name!r}: waiting until its server answers...", flush=True)
             info = backend.deploy(spec, wait=args.timeout)

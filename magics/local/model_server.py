@@ -8,6 +8,7 @@ may belong to an unrelated process by then.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -100,11 +101,16 @@ def start(model_uri: str, port: int, log_path: Path, env: dict[str, str]) -> Ser
             serve_command(model_uri, port), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
             env=env, cwd=str(log_path.parent), start_new_session=True,
         )
-    _CHILDREN[proc.pid] = proc
     try:
+        _CHILDREN[proc.pid] = proc
         created = psutil.Process(proc.pid).create_time()
-    except psutil.Error:
-        created = 0.0
+    except BaseException:
+        # Interrupted (or the process vanished) before the caller could record it:
+        # nobody else knows this pid, so end its whole session here.
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        raise
     return ServerProcess(pid=proc.pid, create_time=created, port=port, log_path=str(log_path))
 
 

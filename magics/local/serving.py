@@ -292,11 +292,13 @@ class LocalModels(ModelBackend):
         for attempt in range(PORT_RETRIES):
             port = spec.port if spec.port is not None else model_server.free_port(avoid=taken)
             log = self.home.deployments_dir / f"{spec.name}.{port}.{os.getpid()}.{int(time.time() * 1000)}.log"
-            server = model_server.start(model_uri, port, log, env)
+            server = None
             try:
+                server = model_server.start(model_uri, port, log, env)
                 outcome = model_server.wait_ready(server, max(0.1, deadline - time.monotonic()))
-            except BaseException:  # KeyboardInterrupt: the cell was interrupted while waiting
-                model_server.stop(server)
+            except BaseException:  # KeyboardInterrupt: the cell was interrupted while starting or waiting
+                if server is not None:
+                    model_server.stop(server)
                 _unlink(log)
                 raise
             if outcome == "ready":

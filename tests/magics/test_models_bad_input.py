@@ -58,6 +58,11 @@ CORPUS = [
     ("%deploy iris-clf --timeout -1", "--timeout must be a number of seconds from 1 to 3600; got -1.0"),
     ("%deploy iris-clf --timeout soon", "invalid float value: 'soon'"),
     ("%deploy iris-clf --replicas 3", "unrecognized arguments: --replicas 3"),
+    ("%deploy iris-clf --canary 150", "--canary must be a percentage from 1 to 99; got 150"),
+    ("%deploy iris-clf --min-replicas 3 --max-replicas 2", "--max-replicas (2) must be at least --min-replicas (3)"),
+    ("%deploy iris-clf --canary 20", "--canary and --profile need the hub backend"),
+    ("%deploy iris-clf --max-replicas 4", "serves exactly one replica on this machine"),
+    ("%deploy iris-clf --profile a100", "--canary and --profile need the hub backend"),
     # %deployments / %undeploy
     ("%deployments --all", "unrecognized arguments: --all"),
     ("%undeploy", "the following arguments are required: name"),
