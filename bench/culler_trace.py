@@ -23,7 +23,11 @@ stand-in serving kernels through the proxy. The GPU utilisation comes from the
 trace through hubml's GpuSource interface (a Prometheus scrape cannot follow a
 clock 3,600 times faster than real time).
 
-    .venv/bin/python bench/culler_trace.py [--users 12] [--seconds-per-hour 1]
+    .venv/bin/python bench/culler_trace.py [--users 12] [--seconds-per-hour 1] [--verbose]
+
+``--verbose`` prints each false cull and, for hubml's, when its stop was sent
+against the trace and against the replay's deliveries of the user's activity
+(the replay itself runs behind the trace clock when the machine is loaded).
 """
 
 from __future__ import annotations
@@ -152,6 +156,9 @@ class Replay:
         self.culls = 0
         self.fleet_state: dict[int, tuple] = {}
         self.verbose = False
+        self.activity_log: dict[int, list[float]] = {}  # real times of activity POSTs
+        self.stop_log: dict[str, list[tuple[float, float]]] = {}  # culler stops: (sent, answered)
+        self.t0 = 0.0
 
     async def call(self, method, url, body=None, token=None):
         req = HTTPRequest(
@@ -187,10 +194,40 @@ class Replay:
         finally:
             self.starting.discard(u)
 
-    async def activity(self, u: int) -> None:
+    async def activity(self, u: int, minute: int = -1) -> None:
         now = datetime.now(timezone.utc).isoformat()
+        self.activity_log.setdefault(u, []).append((time.time(), minute))
         await self.call("POST", f"{self.base}/users/{self.users[u]}/activity",
                         {"last_activity": now, "servers": {"": {"last_activity": now}}})
+
+    def trace_minute(self, t: float) -> float:
+        return (t - self.t0) / self.sph * 60
+
+    def explain(self, u: int, name: str) -> None:
+        """Print when the culler's stop was sent against what the trace says
+        the user was doing then and when the replay delivered the user's
+        return to the hub, to tell a stale decision from a stop already in
+        flight before the hub could know the user was back."""
+        stops = self.stop_log.get(name, [])
+        if not stops:
+            return  # jupyterhub-idle-culler: its stops are not instrumented
+        sent, answered = stops[-1]
+        ms = int(self.trace_minute(sent))
+        intent = self.intents[u][ms] if 0 <= ms < WEEK_MIN else "?"
+        back = ms
+        while back > 0 and working(self.intents[u][back - 1]):
+            back -= 1
+        posts = [(round(self.trace_minute(t), 2), m) for t, m in self.activity_log.get(u, []) if m >= back][:2]
+        before = [round(self.trace_minute(t), 2) for t, _ in self.activity_log.get(u, []) if t < sent][-1:]
+        print(f"  {name}: culler stop sent at trace minute {self.trace_minute(sent):.2f} "
+              f"(answered {'still in flight' if answered is None else f'{self.trace_minute(answered):.2f}'}); "
+              f"trace intent then {intent!r}, working since minute {back}; last activity delivered before the "
+              f"stop at {before}; first activity deliveries since the return (delivered at, for minute) {posts}",
+              file=sys.stderr)
+        echoes = [round(self.trace_minute(t), 2) for t in self.stop_log.get("echo:" + name, []) if t <= sent]
+        if echoes:
+            print(f"  {name}: hub activity taken for the echo of a kernel read (activity at) {echoes[-3:]}",
+                  file=sys.stderr)
 
     async def run(self, culler_coro_factory) -> dict:
         self.last_kernel_touch: dict[int, str] = {}
@@ -199,6 +236,7 @@ class Replay:
         resp = await self.call("POST", f"{self.base}/users", {"usernames": self.users})
         assert resp.code == 201, resp.body
         t0 = time.monotonic()
+        self.t0 = time.time()
         stop = asyncio.Event()
         culler_task = asyncio.ensure_future(culler_coro_factory(stop))
         last_m = -1
@@ -226,6 +264,7 @@ class Replay:
                             if self.verbose:
                                 print(f"false cull {name} minute {m} ({self.intents[u][max(last_m,0)]}->"
                                       f"{self.intents[u][m]}), lag {m - last_m} min", file=sys.stderr)
+                                self.explain(u, name)
                 for mm in range(last_m + 1, m + 1):
                     for u in range(len(self.users)):
                         intent = self.intents[u][mm]
@@ -261,7 +300,7 @@ class Replay:
                     touched = any(mm in self.interactions[u] for mm in range(last_m + 1, m + 1)) and effective == BLOCK
                     jobs.append(self.set_fleet(u, effective, busy, conns, touched))
                     if touched:
-                        jobs.append(self.activity(u))
+                        jobs.append(self.activity(u, m))
                     elif busy and m - last_report[u] >= 5:  # singleuser reports kernel output
                         last_report[u] = m
                         jobs.append(self.activity(u))
@@ -302,7 +341,7 @@ def idle_culler_loop(env, sph):
     return loop
 
 
-def hubml_loop(env, sph, gpu_source):
+def hubml_loop(env, sph, gpu_source, stop_log=None):
     from hubml.culler.app import CullerApp
 
     scale = sph / 3600
@@ -320,6 +359,26 @@ def hubml_loop(env, sph, gpu_source):
     ])
     culler = app.build()
     culler.gpu_source = gpu_source
+    if stop_log is not None:  # diagnostics for --verbose: when each stop was sent
+        real_stop = culler.hub.stop_server
+
+        async def stop_server(user, name, **kw):
+            entry = [time.time(), None]  # sent, answered (None while in flight)
+            stop_log.setdefault(user, []).append(entry)
+            result = await real_stop(user, name, **kw)
+            entry[1] = time.time()
+            return result
+
+        culler.hub.stop_server = stop_server
+        real_discount = culler._discount_own_reads
+
+        def discount(snap, now):  # when hub activity was taken for the echo of a kernel read
+            out = real_discount(snap, now)
+            if out.last_activity != snap.last_activity:
+                stop_log.setdefault("echo:" + snap.user, []).append(snap.last_activity.timestamp())
+            return out
+
+        culler._discount_own_reads = discount
 
     import collections
 
@@ -330,6 +389,7 @@ def hubml_loop(env, sph, gpu_source):
             report = await culler.run_pass()
             if report:
                 reasons.update((o.decision.action.value, o.decision.reason) for o in report.outcomes)
+                reasons.update((f"{o.aborted}-called-off", o.decision.reason) for o in report.outcomes if o.aborted)
             try:
                 await asyncio.wait_for(stop.wait(), app.cull_every)
             except asyncio.TimeoutError:
@@ -349,22 +409,28 @@ def main() -> None:
     ap.add_argument("--seconds-per-hour", type=float, default=1.0)
     ap.add_argument("--seed", type=int, default=5)
     ap.add_argument("--verbose", action="store_true", help="print each false cull")
+    ap.add_argument("--only", choices=("hubml", "jupyterhub-idle-culler"), default=None,
+                    help="replay one culler only (diagnostics; the ratio needs both)")
     args = ap.parse_args()
     intents, interactions = make_trace(args.users, args.seed)
     results = {}
     for name in ("jupyterhub-idle-culler", "hubml"):
+        if args.only and name != args.only:
+            continue
         env = culler_setup.start({"JupyterHub.cleanup_servers": True})
         try:
             replay = Replay(env, intents, interactions, args.seconds_per_hour)
             replay.verbose = args.verbose
             if name == "hubml":
-                loop = hubml_loop(env, args.seconds_per_hour, replay.gpu)
+                loop = hubml_loop(env, args.seconds_per_hour, replay.gpu, replay.stop_log)
             else:
                 loop = idle_culler_loop(env, args.seconds_per_hour)
             results[name] = asyncio.run(replay.run(loop))
             print(name, json.dumps(results[name]), flush=True)
         finally:
             env.stop()
+    if args.only:
+        return
     ours, theirs = results["hubml"], results["jupyterhub-idle-culler"]
     ratio = ours["wasted_gpu_hours"] / theirs["wasted_gpu_hours"] if theirs["wasted_gpu_hours"] else float("nan")
     print(json.dumps({"machine": culler_setup.machine(), "users": args.users,

@@ -5,6 +5,10 @@ kernel reads for each server as soon as its user arrives; reads share the hub
 client's concurrency bound. GPU utilisation is fetched once per pass for all
 GPU servers. Only when the whole user list arrived does the pass act: with a
 partial list nothing is culled and every server seen is counted as skipped.
+Acting comes seconds after reading, so every warning and stop is preceded by a
+re-read of that one server and the same pure decision on the fresh snapshot
+(:meth:`Culler._recheck`, :func:`~hubml.culler.policy.reconfirm`): a user who
+came back in between is not culled, and a failed re-read culls nothing.
 A lock makes overlapping passes impossible: a pass that finds the previous one
 still running returns ``None`` at once.
 """
@@ -28,9 +32,11 @@ from .policy import (
     Action,
     Decision,
     GraceState,
+    Kernel,
     PolicyConfig,
     ServerSnapshot,
     decide,
+    reconfirm,
     track_attention,
     track_kernels,
 )
@@ -49,6 +55,8 @@ class Outcome:
     stopped: bool = False
     stop_pending: bool = False
     error: str = ""
+    #: the action the pass had decided and the re-check called off ("" if none)
+    aborted: str = ""
 
     @property
     def label(self) -> str:
@@ -141,6 +149,7 @@ class Culler:
         # our own kernel reads, and the last hub activity that was not their echo
         self.own_reads: dict[tuple[str, str], list[tuple[datetime, datetime]]] = {}
         self.true_activity: dict[tuple[str, str], datetime] = {}
+        self.urls: dict[tuple[str, str], str] = {}  # server URLs of the current pass
 
     # ------------------------------------------------------------------ pass
     async def run_pass(self) -> PassReport | None:
@@ -220,9 +229,18 @@ class Culler:
         return snap
 
     async def _with_kernels(self, snap: ServerSnapshot, server_url: str, now: datetime) -> ServerSnapshot:
+        kernels, err = await self._read_kernels(snap.key, server_url)
+        return self._apply_kernels(snap, kernels, err, now)
+
+    async def _read_kernels(self, key: tuple[str, str], server_url: str) -> tuple[tuple[Kernel, ...] | None, str]:
         started = self.clock()
         kernels, err = await self.hub.kernels(server_url)
-        self.own_reads.setdefault(snap.key, []).append((started, self.clock()))
+        self.own_reads.setdefault(key, []).append((started, self.clock()))
+        return kernels, err
+
+    def _apply_kernels(
+        self, snap: ServerSnapshot, kernels: tuple[Kernel, ...] | None, err: str, now: datetime
+    ) -> ServerSnapshot:
         if kernels is None:
             return _replace(snap, kernels=None, kernels_error=err)
         tracked, runs = track_kernels(self.busy_runs.get(snap.key, {}), kernels, now)
@@ -247,6 +265,7 @@ class Culler:
                     continue
                 for name, server in servers.items():
                     snap = self._discount_own_reads(self._base_snapshot(user, name, server), now)
+                    self.urls[snap.key] = server.get("url", "")
                     if self._needs_kernels(snap, now):
                         fut = asyncio.ensure_future(self._with_kernels(snap, server.get("url", ""), now))
                     else:
@@ -299,7 +318,69 @@ class Culler:
             await self._cull_users(report)
         return report
 
+    async def _recheck(self, s: ServerSnapshot) -> tuple[ServerSnapshot, Decision, datetime]:
+        """Re-read one server just before warning or stopping it and decide again.
+
+        A pass reads every server, then acts; a user who came back in between
+        (a stop lands seconds after the read) would be culled on stale data.
+        So the server's fresh model is read from the hub (its ``last_activity``,
+        ``ready``, ``pending``) and, when its kernels can matter, its kernels
+        too; the pass's GPU reading is reused (GPU activity is at most an extra
+        reason to keep). Requests take the same concurrency slots as the rest
+        of the pass. A failed re-read is missing data: a ``SKIP``, never a cull.
+        """
+        # kernels first, the hub last: the stop follows the hub read at once,
+        # which keeps the window in which activity can slip by as short as it gets
+        kernels: tuple[Kernel, ...] | None = ()
+        err = ""
+        # whatever made the pass read this server's kernels still holds for a cull
+        read = self._needs_kernels(s, self.clock())
+        read_window = None
+        if read:
+            started = self.clock()
+            kernels, err = await self.hub.kernels(self.urls.get(s.key, ""))
+            read_window = (started, self.clock())
+        now = self.clock()
+        try:
+            model = await self.hub.user(s.user)
+        except HubError as e:
+            return s, Decision(Action.SKIP, "recheck-failed", detail=str(e)), now
+        servers = model.get("servers")
+        server = servers.get(s.name) if isinstance(servers, dict) else None
+        if not isinstance(server, dict):
+            # not in the model: stopped meanwhile, or the model is incomplete
+            return s, Decision(Action.KEEP, "server-gone"), now
+        # this read's own echo cannot be in the hub yet: activity stamped while
+        # it was in flight is the user's (only the pass's reads are discounted)
+        fresh = self._discount_own_reads(self._base_snapshot(model, s.name, server), now)
+        if read_window is not None:
+            self.own_reads.setdefault(s.key, []).append(read_window)
+        if read and fresh.ready and not fresh.pending:
+            fresh = self._apply_kernels(fresh, kernels, err, now)
+        elif fresh.ready and not fresh.pending:
+            fresh = _replace(fresh, kernels=())  # the pass did not need them either
+        fresh = _replace(fresh, gpu=s.gpu)
+        d = decide(fresh, self.policy, self.grace.get(s.key), now, gpu_step=self.gpu_step)
+        return fresh, d, now
+
     async def _act(self, s: ServerSnapshot, d: Decision, now: datetime) -> Outcome:
+        if d.action in (Action.WARN, Action.CULL) and not self.dry_run:
+            fresh, fd, fnow = await self._recheck(s)
+            go, why = reconfirm(d, fd)
+            if not go:
+                stage = "cull" if d.action == Action.CULL else "warn"
+                self.metrics.aborted.labels(stage, why).inc()
+                self.log.info(
+                    "%s of %s called off on re-check just before acting: %s %s",
+                    "stop" if stage == "cull" else "warning", s.label, why, fd.detail,
+                )
+                out = await self._apply(fresh, fd, fnow)
+                out.aborted = d.action.value
+                return out
+            s, d, now = fresh, fd, fnow
+        return await self._apply(s, d, now)
+
+    async def _apply(self, s: ServerSnapshot, d: Decision, now: datetime) -> Outcome:
         out = Outcome(s.user, s.name, s.profile, d)
         profile = s.profile or "default"
         if d.action == Action.SKIP:

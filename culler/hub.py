@@ -131,6 +131,19 @@ class HubClient:
             for user in model["items"]:
                 yield user
 
+    async def user(self, user: str) -> dict:
+        """One user's fresh model (``GET /users/:name``, ``read:servers`` is enough
+        for its ``servers``), used to re-check a server just before stopping it.
+
+        Raises :class:`HubError` on any failure (5xx, 404, timeout, garbage): the
+        caller must then not act.
+        """
+        url = f"{self.api_url}/users/{quote(user, safe='')}"
+        model = await self._json("get-user", self._req(url))
+        if not isinstance(model, dict):
+            raise HubError(f"GET {url}: not a user model: {str(model)[:200]}")
+        return model
+
     async def kernels(self, server_url: str) -> tuple[tuple[Kernel, ...] | None, str]:
         """The server's kernels via ``access:servers``; ``(None, why)`` on failure.
 

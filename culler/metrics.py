@@ -34,6 +34,13 @@ class CullerMetrics:
             "hubml_culler_warnings_cancelled", "Warnings cancelled by activity.",
             registry=self.registry,
         )
+        self.aborted = Counter(
+            "hubml_culler_cull_aborted",
+            "Warnings (stage=warn) and stops (stage=cull) called off because the "
+            "server's fresh state, re-read just before acting, no longer called "
+            "for them, by the fresh decision's reason.",
+            ["stage", "reason"], registry=self.registry,
+        )
         self.stop_pending = Counter(
             "hubml_culler_stops_pending",
             "Stops the hub accepted but had not finished (202).",

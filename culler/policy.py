@@ -309,6 +309,22 @@ def decide(
     return Decision(Action.GRACE, reason, idle_since=idle_since, grace=grace, gpus=prof.gpus)
 
 
+def reconfirm(planned: Decision, fresh: Decision) -> tuple[bool, str]:
+    """Whether a warning or stop decided on the pass's snapshot still stands.
+
+    A pass reads every server first and acts afterwards, so a user who came
+    back in between would be culled on stale data. Just before acting the
+    culler re-reads that one server and runs :func:`decide` again; only the
+    same action on the fresh snapshot goes ahead. Anything else — activity
+    (``active``, ``kernel-busy``, ``activity-during-grace``), the server gone,
+    or missing data on the re-read (a ``SKIP``) — cancels it. Returns
+    ``(go_ahead, why_not)``; ``why_not`` is the fresh decision's reason.
+    """
+    if fresh.action == planned.action:
+        return True, ""
+    return False, fresh.reason or fresh.action.value
+
+
 def parse_duration(value: object) -> float:
     """Seconds from ``90``, ``"90"``, ``"90s"``, ``"30m"``, ``"2h"``, ``"1d"``.
 

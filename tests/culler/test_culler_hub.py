@@ -204,6 +204,76 @@ async def test_own_kernel_reads_are_not_taken_for_user_activity(jupyterhub_facto
     culler.hub.close()
 
 
+async def _wait_for_hit(fault, limit: float = 30.0) -> None:
+    """Wait until the culler's request reached the fault proxy (it is then held)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + limit
+    while fault.hits == 0:
+        if loop.time() > deadline:
+            raise AssertionError(f"the culler never sent {fault.method} {fault.path_regex}")
+        await asyncio.sleep(0.02)
+
+
+async def test_activity_between_decision_and_stop_cancels_it(jupyterhub_factory, tmp_path):
+    """A pass decides on the snapshot it read, then re-reads each server right
+    before warning or stopping it. Activity that reaches the hub in between
+    (held here by delaying that re-read in the fault proxy while the user's
+    activity is posted to the real hub) calls the warning or stop off."""
+    env = start_env(jupyterhub_factory, tmp_path)
+    hub = env.hub
+    for user in ("alice", "bob", "carol", "dave"):
+        hub.start_server(user)
+    await asyncio.sleep(3.5)
+    proxy = FaultProxy(hub.url.rstrip("/")).start()
+    try:
+        app, culler = make_culler(env, "--grace-period=2s", api_url=proxy.url + "/hub/api")
+        metric = app.metrics.registry.get_sample_value
+
+        # pass 1: everyone is idle; dave comes back while his re-read is in flight
+        held = proxy.add("GET", r"/hub/api/users/dave$", delay=1.5, times=1)
+        task = asyncio.ensure_future(culler.run_pass())
+        await _wait_for_hit(held)
+        hub.set_activity("dave", now())
+        r1 = await task
+        assert decisions(r1) == {
+            "alice": ("warn", "idle"), "bob": ("warn", "idle"),
+            "carol": ("warn", "idle"), "dave": ("keep", "active"),
+        }
+        assert {o.label: o.aborted for o in r1.outcomes}["dave"] == "warn"
+        assert app.board.for_user("dave") == []  # no stale warning shown
+        assert metric("hubml_culler_cull_aborted_total", {"stage": "warn", "reason": "active"}) == 1
+
+        # pass 2, after the grace period: alice comes back while her re-read is
+        # held, carol's re-read fails, bob is still idle
+        await asyncio.sleep(2.2)
+        proxy.clear()
+        held = proxy.add("GET", r"/hub/api/users/alice$", delay=1.5, times=1)
+        proxy.add("GET", r"/hub/api/users/carol$", status=500)
+        task = asyncio.ensure_future(culler.run_pass())
+        await _wait_for_hit(held)
+        hub.set_activity("alice", now())
+        r2 = await task
+        d = decisions(r2)
+        assert d["alice"] == ("keep", "activity-during-grace")
+        assert d["carol"] == ("skip", "recheck-failed")
+        assert d["bob"] == ("cull", "idle")
+        assert d["dave"][0] in ("keep", "warn")  # idle again at most: never a cull
+        deletes = [uri for method, uri in proxy.seen if method == "DELETE"]
+        assert deletes == ["/hub/api/users/bob/server"]
+        assert hub.servers("alice")[""]["ready"] and hub.servers("carol")[""]["ready"]
+        assert hub.servers("dave")[""]["ready"]
+        assert "" not in hub.servers("bob")
+        assert app.board.for_user("alice") == []  # the warning was withdrawn
+        assert metric("hubml_culler_cull_aborted_total", {"stage": "cull", "reason": "activity-during-grace"}) == 1
+        assert metric("hubml_culler_cull_aborted_total", {"stage": "cull", "reason": "recheck-failed"}) == 1
+        assert metric("hubml_culler_skipped_total", {"reason": "recheck-failed"}) == 1
+        assert metric("hubml_culler_warnings_cancelled_total") == 1
+        assert metric("hubml_culler_culls_total", {"reason": "idle", "profile": "default"}) == 1
+        culler.hub.close()
+    finally:
+        proxy.stop()
+
+
 async def test_faults_never_cause_a_wrong_cull(jupyterhub_factory, prometheus_factory, tmp_path):
     env = start_env(jupyterhub_factory, tmp_path)
     hub, fleet = env.hub, env.fleet

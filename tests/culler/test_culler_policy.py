@@ -18,6 +18,7 @@ from hubml.culler.policy import (
     ServerSnapshot,
     decide,
     parse_duration,
+    reconfirm,
     track_attention,
     track_kernels,
 )
@@ -193,6 +194,46 @@ def test_max_age_is_not_cancelled_by_activity():
     assert d1.action == Action.WARN
     d2 = decide(replace(s, last_activity=NOW + 5 * MIN), cfg, d1.grace, NOW + 10 * MIN)
     assert (d2.action, d2.reason) == (Action.CULL, "max-age")
+
+
+def test_recheck_calls_off_a_cull_when_the_user_came_back():
+    """The pass decided on a snapshot from before the user's return; the
+    re-read just before the stop sees the new activity and cancels."""
+    stale = snap(last_activity=NOW - 90 * MIN)
+    planned = decide(stale, CFG, None, NOW)
+    assert planned.action == Action.CULL
+    later = NOW + 2 * MIN
+    fresh = decide(replace(stale, last_activity=NOW + MIN), CFG, None, later)
+    assert reconfirm(planned, fresh) == (False, "active")
+    # an idle kernel touched by the returning user counts the same way
+    by_kernel = decide(replace(stale, kernels=(Kernel("k1", "idle", NOW + MIN),)), CFG, None, later)
+    assert reconfirm(planned, by_kernel) == (False, "active")
+    # a cell started meanwhile
+    busy = decide(replace(stale, kernels=(busy_kernel(NOW + MIN),)), CFG, None, later)
+    assert reconfirm(planned, busy) == (False, "kernel-busy")
+    # missing data on the re-read is never a cull
+    gone = decide(replace(stale, last_activity=None), CFG, None, later)
+    assert reconfirm(planned, gone) == (False, "missing-last-activity")
+    # still idle: the stop goes ahead
+    still = decide(stale, CFG, None, later)
+    assert reconfirm(planned, still) == (True, "")
+
+
+def test_recheck_after_grace_sees_activity_since_the_pass():
+    cfg = replace(CFG, grace_period=600)
+    warned = GraceState(warned_at=NOW - 11 * MIN, idle_since=NOW - 100 * MIN, reason="idle")
+    stale = snap(last_activity=NOW - 100 * MIN)
+    planned = decide(stale, cfg, warned, NOW)
+    assert planned.action == Action.CULL
+    fresh = decide(replace(stale, last_activity=NOW + MIN), cfg, warned, NOW + 2 * MIN)
+    assert reconfirm(planned, fresh) == (False, "activity-during-grace")
+    # and a warning decided on stale data is not sent either
+    warn = decide(stale, cfg, None, NOW)
+    assert warn.action == Action.WARN
+    assert reconfirm(warn, decide(replace(stale, last_activity=NOW + MIN), cfg, None, NOW + 2 * MIN)) == (
+        False, "active",
+    )
+    assert reconfirm(warn, decide(stale, cfg, None, NOW + 2 * MIN))[0]
 
 
 def test_track_kernels_keeps_busy_runs_and_resets_on_idle():
