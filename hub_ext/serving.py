@@ -90,11 +90,7 @@ class Serving:
         return self.policy.namespace
 
     async def _kserve(self) -> bool:
-        if self.flavour == "deployment":
-            return False
-        if self.flavour == "kserve":
-            return True
-        return (await self.crds.get()).get("InferenceService", False)
+        return await self.crds.use_operator(self.flavour, "kserve", "InferenceService")
 
     async def _objects(self, caller: pol.Caller) -> list[dict[str, Any]]:
         labels = {objects.LABEL_USER: objects.user_slug(caller.name), objects.LABEL_KIND: objects.KIND_SERVING}

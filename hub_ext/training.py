@@ -70,6 +70,16 @@ class CrdCache:
                     self._at = time.monotonic()
         return self._found
 
+    async def use_operator(self, flavour: str, operator: str, kind: str) -> bool:
+        """Whether to create the operator's object (``kind``) rather than hubml's built-in one.
+
+        ``flavour`` is the configured choice: ``"auto"`` follows the CRD's presence,
+        ``operator`` forces it, anything else (the built-in flavour) refuses it.
+        """
+        if flavour == "auto":
+            return (await self.get()).get(kind, False)
+        return flavour == operator
+
 
 class JobReflector:
     """Local, watch-updated copies of hubml's training Jobs and their Pods (KubeSpawner's reflector).
@@ -119,11 +129,7 @@ class Training:
         return self.policy.namespace
 
     async def _use_pytorchjob(self) -> bool:
-        if self.flavour == "job":
-            return False
-        if self.flavour == "pytorchjob":
-            return True
-        return (await self.crds.get()).get("PyTorchJob", False)
+        return await self.crds.use_operator(self.flavour, "pytorchjob", "PyTorchJob")
 
     # ------------------------------------------------------------------ submit
 
