@@ -24,14 +24,13 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.error
 import urllib.parse
-import urllib.request
 from pathlib import Path
 
 import pytest
 import yaml
 
+from hubml_testing.jupyterhub import json_call, spawn_page
 from hubml_testing.helm_values import EXTRAS_CHART, hub_fixture_config, merged_values, role_scopes_for_user, run_helm
 from hubml_testing.kube import service_account_kubeconfig
 from hubml_testing.kube_cluster import Rest
@@ -266,19 +265,7 @@ def start_hub_ext(tmp: Path, config: dict, *, token: str, hub, port: int) -> tup
     return proc, log
 
 
-def call(url: str, token: str, method: str = "GET", body: object = None) -> tuple[int, object]:
-    data = None if body is None else json.dumps(body).encode()
-    req = urllib.request.Request(url, data=data, method=method,
-                                 headers={"Authorization": f"token {token}", "Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=60) as resp:
-            status, raw = resp.status, resp.read()
-    except urllib.error.HTTPError as e:
-        status, raw = e.code, e.read()
-    try:
-        return status, json.loads(raw) if raw else None
-    except ValueError:
-        return status, raw.decode("utf8", "replace")
+call = json_call  # token-authenticated JSON request, from the shared hub fixture module
 
 
 @pytest.mark.hub
@@ -364,18 +351,7 @@ Z2JH_HUB_RULES = [
 
 def spawn_form(hub, user: str) -> str:
     """/hub/spawn as ``user`` sees it after a real login (dummy authenticator)."""
-    import http.cookiejar
-    import re
-
-    jar = http.cookiejar.CookieJar()
-    opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(jar))
-    with opener.open(hub.url + "hub/login", timeout=60) as r:
-        xsrf = re.search(r'name="_xsrf" value="([^"]+)"', r.read().decode()).group(1)
-    data = urllib.parse.urlencode({"username": user, "password": "any", "_xsrf": xsrf}).encode()
-    with opener.open(hub.url + "hub/login", data=data, timeout=60):
-        pass
-    with opener.open(hub.url + "hub/spawn", timeout=60) as r:
-        return r.read().decode()
+    return spawn_page(hub.url, user)
 
 
 @pytest.mark.hub

@@ -237,6 +237,40 @@ class RunningHub:
             _kill_pid(pid)
 
 
+def json_call(url: str, token: str, method: str = "GET", body: Any = None,
+              timeout: float = 60) -> tuple[int, Any]:
+    """One request with a hub token; returns (status, decoded JSON or text), errors included."""
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, method=method,
+                                 headers={"Authorization": f"token {token}", "Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            status, raw = resp.status, resp.read()
+    except urllib.error.HTTPError as e:
+        status, raw = e.code, e.read()
+    try:
+        return status, json.loads(raw) if raw else None
+    except ValueError:
+        return status, raw.decode("utf8", "replace")
+
+
+def spawn_page(hub_url: str, user: str) -> str:
+    """The HTML of /hub/spawn as ``user`` sees it, after a real login (dummy authenticator)."""
+    import http.cookiejar
+    import re
+    import urllib.parse
+
+    jar = http.cookiejar.CookieJar()
+    opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(jar))
+    with opener.open(hub_url + "hub/login", timeout=60) as r:
+        xsrf = re.search(r'name="_xsrf" value="([^"]+)"', r.read().decode()).group(1)
+    data = urllib.parse.urlencode({"username": user, "password": "any", "_xsrf": xsrf}).encode()
+    with opener.open(hub_url + "hub/login", data=data, timeout=60):
+        pass
+    with opener.open(hub_url + "hub/spawn", timeout=60) as r:
+        return r.read().decode()
+
+
 def _kill_pid(pid: int) -> None:
     try:
         os.kill(pid, signal.SIGTERM)

@@ -132,21 +132,10 @@ def delete_pods(cluster: KubeCluster, namespace: str, names: list[str]) -> None:
 
 
 def spawn_form(hub, user: str) -> str:
-    """The HTML of /hub/spawn as ``user`` sees it, after a real login (dummy authenticator)."""
-    import http.cookiejar
-    import re
-    import urllib.parse
-    import urllib.request
+    """The HTML of /hub/spawn as ``user`` sees it, checked to hold hubml's form."""
+    from hubml_testing.jupyterhub import spawn_page
 
-    jar = http.cookiejar.CookieJar()
-    opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(jar))
-    with opener.open(hub.url + "hub/login", timeout=60) as r:
-        xsrf = re.search(r'name="_xsrf" value="([^"]+)"', r.read().decode()).group(1)
-    data = urllib.parse.urlencode({"username": user, "password": "any", "_xsrf": xsrf}).encode()
-    with opener.open(hub.url + "hub/login", data=data, timeout=60):
-        pass
-    with opener.open(hub.url + "hub/spawn", timeout=60) as r:
-        html = r.read().decode()
+    html = spawn_page(hub.url, user)
     if 'id="hubml-profiles"' not in html:
         raise AssertionError(f"no hubml form on /hub/spawn for {user}:\n{html[:2000]}")
     return html
