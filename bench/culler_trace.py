@@ -16,27 +16,34 @@ does for kernel output. A culled server comes back when its user next works.
 Definitions: *held* = GPU-server-hours running; *wasted* = held while nobody
 interacts (outside the interaction blocks) and the GPU is idle (no training
 run); *false cull* = a cull while the user works (inside a block or during a
-training run).
+training run) at the trace minute the hub stopped the server.
+
+Each culler runs in a process of its own, as the hub service does, and the
+replay sends every trace minute's requests on time without waiting for the
+previous minute's. An interaction reaches the single-user stand-in first
+(kernel and API activity, as ``api/status`` reports them) and the hub's
+activity API right after. The hub's spawner tells the fleet when it stops a
+server, which times each cull exactly. The output reports how late, in trace
+minutes, the hub received each interaction (``activity_lag_trace_min``).
 
 Real components: JupyterHub 6.1.1 + configurable-http-proxy + the fleet
-stand-in serving kernels through the proxy. The GPU utilisation comes from the
-trace through hubml's GpuSource interface (a Prometheus scrape cannot follow a
-clock 3,600 times faster than real time).
+stand-in serving kernels and status through the proxy. The GPU utilisation
+comes from the trace through hubml's GpuSource interface (a Prometheus scrape
+cannot follow a clock 3,600 times faster than real time).
 
     .venv/bin/python bench/culler_trace.py [--users 12] [--seconds-per-hour 1] [--verbose]
 
-``--verbose`` prints each false cull and, for hubml's, when its stop was sent
-against the trace and against the replay's deliveries of the user's activity
-(the replay itself runs behind the trace clock when the machine is loaded).
+``--verbose`` prints each false cull: when the hub stopped the server against
+the trace and against the replay's deliveries of the user's activity.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import bisect
 import json
 import logging
+import multiprocessing
 import random
 import sys
 import time
@@ -105,19 +112,25 @@ def gpu_util(intent: str) -> float:
 
 
 class TraceGpuSource:
-    """hubml GpuSource fed by the replay (per-pod change points, real time)."""
+    """hubml GpuSource answering from the trace itself (what DCGM would show).
 
-    def __init__(self, step: float) -> None:
-        self.step = step
-        self.changes: dict[str, tuple[list[float], list[float]]] = {}
+    Runs in the culler's process: the utilisation of ``jupyter-userNN`` at a
+    real time is that of the user's trace intent at that trace minute (a
+    stopped server is never asked about; a restarted one starts in a block).
+    """
+
+    def __init__(self, intents: list[list[str]], t0: float, sph: float) -> None:
+        self.intents = intents
+        self.t0 = t0
+        self.sph = sph
+        self.step = 60 * sph / 3600
         self.requests = 0
 
-    def set(self, pod: str, when: float, util: float) -> None:
-        times, values = self.changes.setdefault(pod, ([], []))
-        if values and values[-1] == util:
-            return
-        times.append(when)
-        values.append(util)
+    def util_at(self, u: int, t: float) -> float | None:
+        m = int((t - self.t0) / self.sph * 60)
+        if m < 0 or m >= WEEK_MIN:
+            return None
+        return gpu_util(self.intents[u][m])
 
     async def utilisation(self, pods, window, now):
         from hubml.culler.policy import GpuReading
@@ -126,39 +139,52 @@ class TraceGpuSource:
         out = {}
         end = now.timestamp()
         for ref in pods:
-            times, values = self.changes.get(ref.pod, ([], []))
+            u = int(ref.pod.rsplit("user", 1)[1])
             samples = []
             t = end - window
             while t <= end + 1e-9:
-                i = bisect.bisect_right(times, t) - 1
-                if i >= 0:
-                    samples.append((datetime.fromtimestamp(t, timezone.utc), values[i]))
+                v = self.util_at(u, t)
+                if v is not None:
+                    samples.append((datetime.fromtimestamp(t, timezone.utc), v))
                 t += self.step
             out[ref] = GpuReading(ok=True, samples=tuple(samples))
         return out
 
 
 class Replay:
-    def __init__(self, env, intents, interactions, sph: float) -> None:
+    """Plays the trace against the hub and the fleet on the trace clock.
+
+    The cullers run in processes of their own (as services do), so nothing
+    competes with the replay's event loop. Each trace minute's requests are
+    sent at once, in order per user, without waiting for the previous
+    minute's: the user's activity reaches the hub one request after its
+    trace minute starts, however slow the hub is. Culls are timed by the
+    hub's own stop (the spawner tells the fleet), so a cull is false exactly
+    when the trace has its user working at that minute.
+    """
+
+    def __init__(self, env, intents, interactions, sph: float, t0: float) -> None:
         self.env = env
         self.intents = intents
         self.interactions = interactions
         self.sph = sph
+        self.t0 = t0
         self.users = [f"user{u:02d}" for u in range(len(intents))]
-        self.client = AsyncHTTPClient(force_instance=True, max_clients=20)
+        self.client = AsyncHTTPClient(force_instance=True, max_clients=40)
         self.base = env.hub.api_url
         self.fleet = env.fleet.url
-        self.gpu = TraceGpuSource(step=60 * sph / 3600)
         self.running: set[int] = set()  # what the replay believes is running
         self.lost: set[int] = set()  # culled: state lost until the next block
         self.held = self.wasted = 0
-        self.false_culls = 0
+        self.false_culls: list[tuple[str, float]] = []
         self.culls = 0
         self.fleet_state: dict[int, tuple] = {}
         self.verbose = False
-        self.activity_log: dict[int, list[float]] = {}  # real times of activity POSTs
-        self.stop_log: dict[str, list[tuple[float, float]]] = {}  # culler stops: (sent, answered)
-        self.t0 = 0.0
+        self.activity_log: dict[int, list[tuple[float, int]]] = {}  # (real time delivered, trace minute)
+        self.lag: list[float] = []  # trace minutes from an interaction to the hub having it
+        self.own_stops: dict[str, int] = {}  # stops the replay asked for (the user ends the day)
+        self.locks: dict[int, asyncio.Lock] = {}
+        self.stops_seen = 0
 
     async def call(self, method, url, body=None, token=None):
         req = HTTPRequest(
@@ -168,22 +194,37 @@ class Replay:
         )
         return await self.client.fetch(req, raise_error=False)
 
-    async def ready_users(self) -> set[str]:
-        resp = await self.call("GET", f"{self.base}/users?state=ready&limit=200")
-        return {u["name"] for u in json.loads(resp.body)}
+    def trace_minute(self, t: float) -> float:
+        return (t - self.t0) / self.sph * 60
 
-    async def set_fleet(self, u: int, state: str, busy: bool, conns: int, touch: bool) -> None:
+    async def interact(self, u: int, minute: int, touch: bool) -> None:
+        """One interaction: the server sees it first (kernel and API activity),
+        then the hub (jupyterhub-singleuser / the proxy report it)."""
+        now = datetime.now(timezone.utc).isoformat()
+        if touch:
+            self.touch[u] = now
+        await self.put_fleet(u)
+        await self.call("POST", f"{self.base}/users/{self.users[u]}/activity",
+                        {"last_activity": now, "servers": {"": {"last_activity": now}}})
+        done = time.time()
+        if touch:
+            self.activity_log.setdefault(u, []).append((done, minute))
+            self.lag.append(self.trace_minute(done) - minute)
+
+    async def put_fleet(self, u: int) -> None:
+        busy, conns = self.fleet_state[u][1:]
+        when = self.touch.get(u) or datetime.now(timezone.utc).isoformat()
+        kernels = [{"id": f"k{u}", "execution_state": "busy" if busy else "idle", "last_activity": when,
+                    "connections": conns}]
+        await self.call("PUT", f"{self.fleet}/_fleet/servers/{self.users[u]}/_",
+                        {"kernels": kernels, "last_activity": self.touch.get(u)})
+
+    async def set_fleet(self, u: int, state: str, busy: bool, conns: int) -> None:
         key = (state, busy, conns)
-        if self.fleet_state.get(u) == key and not touch:
+        if self.fleet_state.get(u) == key:
             return
         self.fleet_state[u] = key
-        now = datetime.now(timezone.utc).isoformat()
-        kernels = [{"id": f"k{u}", "execution_state": "busy" if busy else "idle", "last_activity": now, "connections": conns}]
-        if not touch and u in self.last_kernel_touch:
-            kernels[0]["last_activity"] = self.last_kernel_touch[u]
-        else:
-            self.last_kernel_touch[u] = now
-        await self.call("PUT", f"{self.fleet}/_fleet/servers/{self.users[u]}/_", {"kernels": kernels})
+        await self.put_fleet(u)
 
     async def start_server(self, u: int) -> None:
         name = self.users[u]
@@ -194,77 +235,69 @@ class Replay:
         finally:
             self.starting.discard(u)
 
-    async def activity(self, u: int, minute: int = -1) -> None:
-        now = datetime.now(timezone.utc).isoformat()
-        self.activity_log.setdefault(u, []).append((time.time(), minute))
-        await self.call("POST", f"{self.base}/users/{self.users[u]}/activity",
-                        {"last_activity": now, "servers": {"": {"last_activity": now}}})
+    async def in_order(self, u: int, jobs) -> None:
+        async with self.locks.setdefault(u, asyncio.Lock()):
+            for job in jobs:
+                await job
 
-    def trace_minute(self, t: float) -> float:
-        return (t - self.t0) / self.sph * 60
+    async def watch_stops(self, done: asyncio.Event) -> None:
+        """Turn the hub's stops into culls: a stop the replay did not ask for."""
+        index = {name: u for u, name in enumerate(self.users)}
+        while True:
+            finished = done.is_set()
+            resp = await self.call("GET", f"{self.fleet}/_fleet/stops?since={self.stops_seen}")
+            for stop in json.loads(resp.body)["stops"]:
+                self.stops_seen += 1
+                name, t = stop["user"], stop["time"]
+                if self.own_stops.get(name, 0) > 0:
+                    self.own_stops[name] -= 1
+                    continue
+                u = index[name]
+                self.running.discard(u)
+                self.lost.add(u)
+                self.culls += 1
+                m = min(max(int(self.trace_minute(t)), 0), WEEK_MIN - 1)
+                if working(self.intents[u][m]):
+                    self.false_culls.append((name, t))
+                    if self.verbose:
+                        self.explain(u, name, t)
+            if finished:
+                return
+            await asyncio.sleep(0.005)
 
-    def explain(self, u: int, name: str) -> None:
-        """Print when the culler's stop was sent against what the trace says
-        the user was doing then and when the replay delivered the user's
-        return to the hub, to tell a stale decision from a stop already in
-        flight before the hub could know the user was back."""
-        stops = self.stop_log.get(name, [])
-        if not stops:
-            return  # jupyterhub-idle-culler: its stops are not instrumented
-        sent, answered = stops[-1]
-        ms = int(self.trace_minute(sent))
-        intent = self.intents[u][ms] if 0 <= ms < WEEK_MIN else "?"
+    def explain(self, u: int, name: str, t: float) -> None:
+        """When the stop happened against the trace and against the replay's
+        delivery of the user's activity, to tell a stale decision from a stop
+        already under way before the hub could know the user was back."""
+        ms = int(self.trace_minute(t))
         back = ms
         while back > 0 and working(self.intents[u][back - 1]):
             back -= 1
-        posts = [(round(self.trace_minute(t), 2), m) for t, m in self.activity_log.get(u, []) if m >= back][:2]
-        before = [round(self.trace_minute(t), 2) for t, _ in self.activity_log.get(u, []) if t < sent][-1:]
-        print(f"  {name}: culler stop sent at trace minute {self.trace_minute(sent):.2f} "
-              f"(answered {'still in flight' if answered is None else f'{self.trace_minute(answered):.2f}'}); "
-              f"trace intent then {intent!r}, working since minute {back}; last activity delivered before the "
-              f"stop at {before}; first activity deliveries since the return (delivered at, for minute) {posts}",
-              file=sys.stderr)
-        echoes = [round(self.trace_minute(t), 2) for t in self.stop_log.get("echo:" + name, []) if t <= sent]
-        if echoes:
-            print(f"  {name}: hub activity taken for the echo of a kernel read (activity at) {echoes[-3:]}",
-                  file=sys.stderr)
+        delivered = [(round(self.trace_minute(d), 2), m) for d, m in self.activity_log.get(u, []) if m >= back][:2]
+        before = [round(self.trace_minute(d), 2) for d, _ in self.activity_log.get(u, []) if d < t][-1:]
+        print(f"  false cull {name}: stopped at trace minute {self.trace_minute(t):.2f}, intent "
+              f"{self.intents[u][ms]!r} since minute {back}; last activity delivered before the stop at "
+              f"{before}; deliveries since the return (delivered at, for minute) {delivered}", file=sys.stderr)
 
-    async def run(self, culler_coro_factory) -> dict:
-        self.last_kernel_touch: dict[int, str] = {}
-        self.seen_ready: set[int] = set()
+    async def run(self) -> dict:
+        self.touch: dict[int, str] = {}
         self.starting: set[int] = set()
         resp = await self.call("POST", f"{self.base}/users", {"usernames": self.users})
         assert resp.code == 201, resp.body
-        t0 = time.monotonic()
-        self.t0 = time.time()
-        stop = asyncio.Event()
-        culler_task = asyncio.ensure_future(culler_coro_factory(stop))
+        await asyncio.sleep(max(self.t0 - time.time(), 0))
+        done = asyncio.Event()
+        watcher = asyncio.ensure_future(self.watch_stops(done))
+        pending: set[asyncio.Future] = set()
         last_m = -1
         last_report = {u: -10 for u in range(len(self.users))}
+        behind = 0
         try:
             while last_m < WEEK_MIN - 1:
-                m = min(int((time.monotonic() - t0) / self.sph * 60), WEEK_MIN - 1)
+                m = min(int(self.trace_minute(time.time())), WEEK_MIN - 1)
                 if m == last_m:
-                    await asyncio.sleep(0.002)
+                    await asyncio.sleep(0.001)
                     continue
-                ready = await self.ready_users()
-                for u, name in enumerate(self.users):
-                    if u in self.running and name in ready:
-                        self.seen_ready.add(u)
-                    if u in self.seen_ready and u in self.running and name not in ready:
-                        self.seen_ready.discard(u)
-                        # stopped behind our back: the culler did it
-                        self.running.discard(u)
-                        self.culls += 1
-                        self.lost.add(u)
-                        # the cull happened somewhere in (last_m, m]: it is false
-                        # when the user was working over that whole interval
-                        if all(working(self.intents[u][x]) for x in range(max(last_m, 0), m + 1)):
-                            self.false_culls += 1
-                            if self.verbose:
-                                print(f"false cull {name} minute {m} ({self.intents[u][max(last_m,0)]}->"
-                                      f"{self.intents[u][m]}), lag {m - last_m} min", file=sys.stderr)
-                                self.explain(u, name)
+                behind = max(behind, m - last_m - 1)
                 for mm in range(last_m + 1, m + 1):
                     for u in range(len(self.users)):
                         intent = self.intents[u][mm]
@@ -276,50 +309,57 @@ class Replay:
                             if not working(effective) and gpu_util(effective) == 0:
                                 self.wasted += 1
                 # apply the state at minute m
-                now = time.time()
-                jobs = []
                 for u, name in enumerate(self.users):
                     intent = self.intents[u][m]
                     effective = OFF if u in self.lost else intent
+                    jobs = []
                     if effective == OFF:
                         if u in self.running:
                             self.running.discard(u)
-                            self.seen_ready.discard(u)
+                            self.own_stops[name] = self.own_stops.get(name, 0) + 1
                             jobs.append(self.call("DELETE", f"{self.base}/users/{name}/server"))
-                        self.gpu.set(f"jupyter-{name}", now, 0.0)
-                        continue
-                    if u not in self.running and u not in self.starting:
-                        # start in the background: a spawn must not stall the clock
-                        self.starting.add(u)
-                        self.fleet_state.pop(u, None)
-                        self.last_kernel_touch.pop(u, None)
-                        asyncio.ensure_future(self.start_server(u))
-                    self.gpu.set(f"jupyter-{name}", now, gpu_util(effective))
-                    busy = effective in (LOOP, TRAIN)
-                    conns = 1 if effective == BLOCK else 0
-                    touched = any(mm in self.interactions[u] for mm in range(last_m + 1, m + 1)) and effective == BLOCK
-                    jobs.append(self.set_fleet(u, effective, busy, conns, touched))
-                    if touched:
-                        jobs.append(self.activity(u, m))
-                    elif busy and m - last_report[u] >= 5:  # singleuser reports kernel output
-                        last_report[u] = m
-                        jobs.append(self.activity(u))
-                        self.last_kernel_touch.pop(u, None)
-                await asyncio.gather(*jobs)
+                    else:
+                        if u not in self.running and u not in self.starting:
+                            self.starting.add(u)
+                            self.fleet_state.pop(u, None)
+                            self.touch.pop(u, None)
+                            jobs.append(self.start_server(u))
+                        busy = effective in (LOOP, TRAIN)
+                        conns = 1 if effective == BLOCK else 0
+                        touched = effective == BLOCK and any(
+                            mm in self.interactions[u] for mm in range(last_m + 1, m + 1))
+                        if touched:  # one PUT carries the new state and the touch
+                            self.fleet_state[u] = (effective, busy, conns)
+                            jobs.append(self.interact(u, m, touch=True))
+                        else:
+                            jobs.append(self.set_fleet(u, effective, busy, conns))
+                        if not touched and busy and m - last_report[u] >= 5:  # singleuser reports kernel output
+                            last_report[u] = m
+                            jobs.append(self.interact(u, m, touch=False))
+                    if jobs:
+                        fut = asyncio.ensure_future(self.in_order(u, jobs))
+                        pending.add(fut)
+                        fut.add_done_callback(pending.discard)
                 last_m = m
+            if pending:
+                await asyncio.gather(*pending)
         finally:
-            stop.set()
-            await culler_task
+            done.set()
+            await watcher
+        lag = sorted(self.lag) or [0.0]
         return {
             "gpu_server_hours_held": round(self.held / 60, 1),
             "wasted_gpu_hours": round(self.wasted / 60, 1),
-            "false_culls": self.false_culls,
+            "false_culls": len(self.false_culls),
             "culls": self.culls,
-            "real_seconds": round(time.monotonic() - t0, 1),
+            "activity_lag_trace_min": {"median": round(lag[len(lag) // 2], 2),
+                                       "p99": round(lag[int(len(lag) * 0.99)], 2), "max": round(lag[-1], 2)},
+            "replay_minutes_skipped_max": behind,
+            "real_seconds": round(time.time() - self.t0, 1),
         }
 
 
-def idle_culler_loop(env, sph):
+def idle_culler_loop(api_url, token, sph):
     from jupyterhub_idle_culler import cull_idle
 
     scale = sph / 3600
@@ -329,7 +369,7 @@ def idle_culler_loop(env, sph):
     async def loop(stop: asyncio.Event):
         while not stop.is_set():
             try:
-                await cull_idle(url=env.hub.api_url, api_token=env.token, inactive_limit=3600 * scale,
+                await cull_idle(url=api_url, api_token=token, inactive_limit=3600 * scale,
                                 logger=log, concurrency=10)
             except Exception as e:  # keep replaying; count nothing
                 log.error("idle-culler pass failed: %s", e)
@@ -341,7 +381,7 @@ def idle_culler_loop(env, sph):
     return loop
 
 
-def hubml_loop(env, sph, gpu_source, stop_log=None):
+def hubml_loop(api_url, hub_url, token, sph, gpu_source):
     from hubml.culler.app import CullerApp
 
     scale = sph / 3600
@@ -351,34 +391,14 @@ def hubml_loop(env, sph, gpu_source, stop_log=None):
 
     app = CullerApp()
     app.initialize([
-        f"--api-url={env.hub.api_url}", f"--server-base-url={env.hub.url.rstrip('/')}",
-        f"--CullerApp.api_token={env.token}", "--log-level=ERROR",
+        f"--api-url={api_url}", f"--server-base-url={hub_url.rstrip('/')}",
+        f"--CullerApp.api_token={token}", "--log-level=ERROR",
         f"--timeout={d(3600)}", f"--grace-period={d(600)}", f"--gpu-idle-window={d(1800)}",
         f"--cull-every={d(60)}", f"--prometheus-step={d(60)}",
         "--profiles=" + json.dumps({"a100": {"idle_timeout": d(1800), "gpu": 1}}),
     ])
     culler = app.build()
     culler.gpu_source = gpu_source
-    if stop_log is not None:  # diagnostics for --verbose: when each stop was sent
-        real_stop = culler.hub.stop_server
-
-        async def stop_server(user, name, **kw):
-            entry = [time.time(), None]  # sent, answered (None while in flight)
-            stop_log.setdefault(user, []).append(entry)
-            result = await real_stop(user, name, **kw)
-            entry[1] = time.time()
-            return result
-
-        culler.hub.stop_server = stop_server
-        real_discount = culler._discount_own_reads
-
-        def discount(snap, now):  # when hub activity was taken for the echo of a kernel read
-            out = real_discount(snap, now)
-            if out.last_activity != snap.last_activity:
-                stop_log.setdefault("echo:" + snap.user, []).append(snap.last_activity.timestamp())
-            return out
-
-        culler._discount_own_reads = discount
 
     import collections
 
@@ -400,6 +420,26 @@ def hubml_loop(env, sph, gpu_source, stop_log=None):
     return loop
 
 
+def culler_process(kind: str, api_url: str, hub_url: str, token: str, sph: float, t0: float,
+                   users: int, seed: int, stop_event) -> None:
+    """A culler in a process of its own, as the hub service runs; it starts
+    with the trace clock and stops when ``stop_event`` is set."""
+    intents, _ = make_trace(users, seed)
+
+    async def main():
+        stop = asyncio.Event()
+        waiter = asyncio.ensure_future(asyncio.to_thread(stop_event.wait))
+        waiter.add_done_callback(lambda _: stop.set())
+        await asyncio.sleep(max(t0 - time.time(), 0))
+        if kind == "hubml":
+            loop = hubml_loop(api_url, hub_url, token, sph, TraceGpuSource(intents, t0, sph))
+        else:
+            loop = idle_culler_loop(api_url, token, sph)
+        await loop(stop)
+
+    asyncio.run(main())
+
+
 def main() -> None:
     import signal
 
@@ -414,20 +454,33 @@ def main() -> None:
     args = ap.parse_args()
     intents, interactions = make_trace(args.users, args.seed)
     results = {}
+    ctx = multiprocessing.get_context("spawn")
     for name in ("jupyterhub-idle-culler", "hubml"):
         if args.only and name != args.only:
             continue
-        env = culler_setup.start({"JupyterHub.cleanup_servers": True})
+        env = culler_setup.start({"JupyterHub.cleanup_servers": True, "InstantSpawner.record_stops": True})
+        proc = None
         try:
-            replay = Replay(env, intents, interactions, args.seconds_per_hour)
+            t0 = time.time() + 5  # the culler process imports and starts meanwhile
+            stop_event = ctx.Event()
+            proc = ctx.Process(target=culler_process, args=(
+                "hubml" if name == "hubml" else "idle-culler", env.hub.api_url, env.hub.url, env.token,
+                args.seconds_per_hour, t0, args.users, args.seed, stop_event))
+            proc.start()
+            replay = Replay(env, intents, interactions, args.seconds_per_hour, t0)
             replay.verbose = args.verbose
-            if name == "hubml":
-                loop = hubml_loop(env, args.seconds_per_hour, replay.gpu, replay.stop_log)
-            else:
-                loop = idle_culler_loop(env, args.seconds_per_hour)
-            results[name] = asyncio.run(replay.run(loop))
+            if args.verbose:
+                print(f"{name}:", file=sys.stderr)
+            try:
+                results[name] = asyncio.run(replay.run())
+            finally:
+                stop_event.set()
+                proc.join(60)
             print(name, json.dumps(results[name]), flush=True)
         finally:
+            if proc is not None and proc.is_alive():
+                proc.kill()
+                proc.join(10)
             env.stop()
     if args.only:
         return

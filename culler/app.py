@@ -16,6 +16,7 @@ import signal
 import sys
 from datetime import datetime, timezone
 from html import escape
+from pathlib import Path
 from urllib.parse import urlparse
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -31,6 +32,9 @@ from .hub import HubClient
 from .metrics import CullerMetrics
 from .notify import NoticeBoard, WebhookNotifier
 from .policy import PolicyConfig, ProfilePolicy, parse_duration
+
+#: where Kubernetes mounts the pod's service-account namespace
+SERVICE_ACCOUNT_NAMESPACE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
 
 
 class Duration(Float):
@@ -155,11 +159,22 @@ class CullerApp(Application):
         "Empty: no GPU source; GPU servers are then judged on hub and kernel activity only.",
     ).tag(config=True)
     prometheus_step = Duration(60, help="Spacing of GPU samples requested from Prometheus (>= its scrape interval).").tag(config=True)
-    namespace = Unicode(help="Kubernetes namespace of the user pods. Default: $POD_NAMESPACE or 'default'.").tag(config=True)
+    namespace = Unicode(
+        help="Kubernetes namespace of the user pods. Default: $POD_NAMESPACE, else the namespace of the "
+        "service account the culler runs under (the hub pod's, where z2jh runs it), else 'default'.",
+    ).tag(config=True)
 
     @default("namespace")
     def _namespace(self):
-        return os.environ.get("POD_NAMESPACE", "default")
+        # a hub-managed service does not inherit the hub's environment, but it
+        # runs in the hub pod, whose service account names the namespace
+        if os.environ.get("POD_NAMESPACE"):
+            return os.environ["POD_NAMESPACE"]
+        try:
+            ns = Path(SERVICE_ACCOUNT_NAMESPACE).read_text().strip()
+        except OSError:
+            ns = ""
+        return ns or "default"
 
     pod_name_template = Unicode(
         "jupyter-{user_server}",

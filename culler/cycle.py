@@ -206,26 +206,41 @@ class Culler:
     #: the proxy stamps our request while it is in flight, so its echo lies inside the read window
     ECHO_SLACK = timedelta(0)
 
-    def _discount_own_reads(self, snap: ServerSnapshot, now: datetime) -> ServerSnapshot:
+    def _discount_own_reads(
+        self, snap: ServerSnapshot, now: datetime, server_activity: datetime | None = None
+    ) -> ServerSnapshot:
         """Undo the echo of our own kernel reads in the hub's ``last_activity``.
 
         configurable-http-proxy counts every proxied request as activity and the
         hub copies that into ``last_activity``; a hub ``last_activity`` falling
-        inside one of our reads of that server is our echo, so the last value
-        that was not is used instead. Without such a value the echo is kept
-        (it errs towards keeping the server).
+        inside one of our reads of that server may be our echo — or the user,
+        active at that same moment. ``server_activity`` (the server's own
+        ``last_activity``, which never holds our reads; the re-check before a
+        warning or stop reads it) tells them apart: the user's activity reached
+        the server no later than the hub, so the server saw something since
+        the read began. Without it (a pass), an in-window value counts as the
+        echo and the last value that was not is used instead; without such a
+        value the echo is kept (it errs towards keeping the server). A server
+        activity newer than the hub's is used as it is: jupyterhub-singleuser
+        reports to the hub only every ``JUPYTERHUB_ACTIVITY_INTERVAL`` (5 min).
         """
         key, la = snap.key, snap.last_activity
         reads = [r for r in self.own_reads.get(key, []) if r[1] > now - timedelta(hours=2)]
         self.own_reads[key] = reads
         if la is None:
             return snap
-        if any(start - self.ECHO_SLACK <= la <= end + self.ECHO_SLACK for start, end in reads):
-            previous = self.true_activity.get(key)
-            if previous is not None:
-                return _replace(snap, last_activity=previous)
-            return snap
-        self.true_activity[key] = la
+        window = next(
+            ((start, end) for start, end in reads if start - self.ECHO_SLACK <= la <= end + self.ECHO_SLACK), None
+        )
+        if window is None or (server_activity is not None and server_activity >= window[0] - self.ECHO_SLACK):
+            self.true_activity[key] = la
+        else:
+            known = [t for t in (self.true_activity.get(key), server_activity) if t is not None]
+            if known:
+                snap = _replace(snap, last_activity=max(known))
+        if server_activity is not None and snap.last_activity is not None and server_activity > snap.last_activity:
+            # the single-user server reports to the hub only every few minutes
+            snap = _replace(snap, last_activity=server_activity)
         return snap
 
     async def _with_kernels(self, snap: ServerSnapshot, server_url: str, now: datetime) -> ServerSnapshot:
@@ -329,17 +344,9 @@ class Culler:
         reason to keep). Requests take the same concurrency slots as the rest
         of the pass. A failed re-read is missing data: a ``SKIP``, never a cull.
         """
-        # kernels first, the hub last: the stop follows the hub read at once,
-        # which keeps the window in which activity can slip by as short as it gets
-        kernels: tuple[Kernel, ...] | None = ()
-        err = ""
-        # whatever made the pass read this server's kernels still holds for a cull
-        read = self._needs_kernels(s, self.clock())
-        read_window = None
-        if read:
-            started = self.clock()
-            kernels, err = await self.hub.kernels(self.urls.get(s.key, ""))
-            read_window = (started, self.clock())
+        # the hub first, the server last: a returning user's activity reaches
+        # the server (kernels, api/status) before the hub hears of it, so the
+        # stop follows the freshest source at once
         now = self.clock()
         try:
             model = await self.hub.user(s.user)
@@ -350,12 +357,29 @@ class Culler:
         if not isinstance(server, dict):
             # not in the model: stopped meanwhile, or the model is incomplete
             return s, Decision(Action.KEEP, "server-gone"), now
-        # this read's own echo cannot be in the hub yet: activity stamped while
-        # it was in flight is the user's (only the pass's reads are discounted)
-        fresh = self._discount_own_reads(self._base_snapshot(model, s.name, server), now)
+        base = self._base_snapshot(model, s.name, server)
+        kernels: tuple[Kernel, ...] | None = ()
+        err = ""
+        # whatever made the pass read this server's kernels still holds for a cull
+        read = self._needs_kernels(s, now) and base.ready and not base.pending
+        read_window = None
+        server_activity = None
+        if read:
+            # the server's own activity tells our echo from the user's (see
+            # _discount_own_reads); read with the kernels, so it costs no round trip
+            started = self.clock()
+            url = self.urls.get(s.key, "")
+            (kernels, err), (server_activity, _) = await asyncio.gather(
+                self.hub.kernels(url), self.hub.server_activity(url)
+            )
+            read_window = (started, self.clock())
+        now = self.clock()
+        # this re-check's own reads cannot have echoed into the hub model read
+        # before them (only earlier reads are discounted)
+        fresh = self._discount_own_reads(base, now, server_activity)
         if read_window is not None:
             self.own_reads.setdefault(s.key, []).append(read_window)
-        if read and fresh.ready and not fresh.pending:
+        if read:
             fresh = self._apply_kernels(fresh, kernels, err, now)
         elif fresh.ready and not fresh.pending:
             fresh = _replace(fresh, kernels=())  # the pass did not need them either

@@ -172,6 +172,30 @@ class HubClient:
             return None, f"{url}: bad kernel list ({e})"
         return kernels, ""
 
+    async def server_activity(self, server_url: str) -> tuple[datetime | None, str]:
+        """The server's own ``last_activity`` from jupyter_server's ``api/status``.
+
+        jupyter_server computes it from its kernels, terminals and tracked API
+        requests and does not track reads of ``api/status`` itself, so unlike
+        the hub's value it never holds the echo of our own reads through the
+        proxy. ``(None, why)`` on failure.
+        """
+        url = f"{self.server_base_url}{server_url}api/status"
+        try:
+            resp = await self._fetch("status", self._req(url, timeout=self.kernel_timeout, follow_redirects=False))
+        except HubError as e:
+            return None, str(e)
+        if resp.code != 200:
+            return None, f"{url} -> {resp.code}"
+        try:
+            model = json.loads(resp.body)
+            when = parse_time(model.get("last_activity")) if isinstance(model, dict) else None
+        except (ValueError, TypeError) as e:
+            return None, f"{url}: bad status ({e})"
+        if when is None:
+            return None, f"{url}: no last_activity"
+        return when, ""
+
     async def stop_server(self, user: str, name: str, *, remove: bool = False) -> StopResult:
         if name:
             url = f"{self.api_url}/users/{quote(user, safe='')}/servers/{quote(name, safe='')}"

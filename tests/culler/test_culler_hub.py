@@ -20,7 +20,7 @@ import pytest
 from tornado import web
 from tornado.httpserver import HTTPServer
 
-from culler_env import NAMESPACE, kernel, start_env
+from culler_env import CULLER_SCOPES, CULLER_SERVICE, NAMESPACE, iso, kernel, start_env
 from fault_proxy import FaultProxy
 from hubml.culler.app import CullerApp
 from hubml.culler.policy import Action
@@ -43,7 +43,7 @@ def make_culler(env, *args: str, api_url: str | None = None):
     app = CullerApp()
     base = [
         f"--api-url={api_url or env.hub.api_url}",
-        "--server-base-url", env.hub.url.rstrip("/"),
+        f"--server-base-url={env.hub.url.rstrip('/')}",
         f"--CullerApp.api_token={env.culler_token}",
         "--timeout=3s",
         "--grace-period=0",
@@ -190,6 +190,8 @@ async def test_own_kernel_reads_are_not_taken_for_user_activity(jupyterhub_facto
     env = start_env(jupyterhub_factory, tmp_path, extra={"JupyterHub.last_activity_interval": 1})
     hub = env.hub
     hub.start_server("alice")
+    # the server's own activity (api/status) stays at its start: our reads are untracked there
+    env.fleet.set_server("alice", last_activity=iso(now()))
     await asyncio.sleep(3.5)
     _, culler = make_culler(env, "--grace-period=2s")
     before = parse_time(hub.servers("alice")[""]["last_activity"])
@@ -202,6 +204,95 @@ async def test_own_kernel_reads_are_not_taken_for_user_activity(jupyterhub_facto
     assert decisions(r2) == {"alice": ("cull", "idle")}
     assert "" not in hub.servers("alice")
     culler.hub.close()
+
+
+async def test_user_activity_during_our_kernel_read_is_not_taken_for_the_echo(jupyterhub_factory, tmp_path):
+    """Hub activity stamped while the pass was reading that server's kernels
+    looks like the echo of the read, but here it is the user's: the server's
+    own activity (api/status, which never counts our reads) moved too, so the
+    re-check before the stop keeps the server."""
+    env = start_env(jupyterhub_factory, tmp_path)
+    hub = env.hub
+    for user in ("alice", "bob"):
+        hub.start_server(user)
+        env.fleet.set_server(user, last_activity=iso(now()))
+    await asyncio.sleep(3.5)
+    proxy = FaultProxy(hub.url.rstrip("/")).start()
+    try:
+        app, culler = make_culler(env, "--grace-period=2s", f"--server-base-url={proxy.url}")
+        r1 = await culler.run_pass()
+        assert decisions(r1) == {"alice": ("warn", "idle"), "bob": ("warn", "idle")}
+        await asyncio.sleep(2.2)
+        # pass 2: alice works while the pass's read of her kernels is in flight
+        held = proxy.add("GET", r"/user/alice/api/kernels", delay=1.5, times=1)
+        task = asyncio.ensure_future(culler.run_pass())
+        await _wait_for_hit(held)
+        t = now()
+        env.fleet.set_server("alice", last_activity=iso(t))
+        hub.set_activity("alice", t)
+        r2 = await task
+        d = decisions(r2)
+        assert d["alice"] == ("keep", "activity-during-grace"), d
+        assert {o.label: o.aborted for o in r2.outcomes}["alice"] == "cull"
+        assert d["bob"] == ("cull", "idle")  # the control: idle, culled
+        assert hub.servers("alice")[""]["ready"]
+        assert "" not in hub.servers("bob")
+        assert app.board.for_user("alice") == []
+        culler.hub.close()
+    finally:
+        proxy.stop()
+
+
+async def test_server_activity_newer_than_the_hub_keeps_the_server(jupyterhub_factory, tmp_path):
+    """jupyterhub-singleuser reports activity to the hub only every few
+    minutes; the re-check reads the server's own activity, so a user at work
+    whose activity has not reached the hub yet is not culled."""
+    env = start_env(jupyterhub_factory, tmp_path)
+    hub = env.hub
+    hub.start_server("alice")
+    env.fleet.set_server("alice", last_activity=iso(now()))
+    await asyncio.sleep(3.5)
+    _, culler = make_culler(env)  # no grace: a cull decision goes straight to the stop
+    env.fleet.set_server("alice", last_activity=iso(now()))  # the hub does not know yet
+    report = await culler.run_pass()
+    assert decisions(report) == {"alice": ("keep", "active")}
+    assert {o.label: o.aborted for o in report.outcomes}["alice"] == "cull"
+    assert hub.servers("alice")[""]["ready"]
+    await asyncio.sleep(3.5)  # and once the server is idle too, it goes
+    report = await culler.run_pass()
+    assert decisions(report) == {"alice": ("cull", "idle")}
+    assert "" not in hub.servers("alice")
+    culler.hub.close()
+
+
+async def test_cull_users_deletes_only_users_left_with_nothing(jupyterhub_factory, tmp_path):
+    """``--cull-users`` (with admin:users granted) deletes a user whose every
+    server this pass stopped, and no one else: not a user with a server that
+    was kept, not a user whose stop was refused."""
+    roles = [{"name": "hubml-culler", "scopes": CULLER_SCOPES + ["admin:users"], "services": [CULLER_SERVICE]}]
+    env = start_env(jupyterhub_factory, tmp_path, extra={"JupyterHub.load_roles": roles})
+    hub = env.hub
+    for user in ("alice", "bob", "carol"):
+        hub.start_server(user)
+    hub.start_server("bob", "busy")
+    await asyncio.sleep(3.5)
+    hub.set_activity("bob", now(), server="busy")  # bob's named server is in use
+    proxy = FaultProxy(hub.url.rstrip("/")).start()
+    try:
+        proxy.add("DELETE", r"/hub/api/users/carol/server$", status=500)  # carol's stop fails
+        _, culler = make_culler(env, "--cull-users", api_url=proxy.url + "/hub/api")
+        report = await culler.run_pass()
+        d = decisions(report)
+        assert d["alice"] == ("cull", "idle") and d["bob"] == ("cull", "idle")
+        assert d["bob/busy"] == ("keep", "active")
+        assert hub.api("GET", "/users/alice")[0] == 404  # deleted
+        assert hub.api("GET", "/users/bob")[0] == 200  # kept: a server is still running
+        assert hub.servers("bob")["busy"]["ready"] and "" not in hub.servers("bob")
+        assert hub.api("GET", "/users/carol")[0] == 200  # kept: its stop was refused
+        assert hub.servers("carol")[""]["ready"]
+        culler.hub.close()
+    finally:
+        proxy.stop()
 
 
 async def _wait_for_hit(fault, limit: float = 30.0) -> None:
@@ -470,7 +561,6 @@ def test_runs_as_hub_service_with_notices_and_metrics(jupyterhub_factory, tmp_pa
     import urllib.error
     import urllib.request
 
-    from culler_env import CULLER_SCOPES
 
     port = free_port()
     service = {

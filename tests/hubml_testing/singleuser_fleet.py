@@ -10,9 +10,12 @@ project may fake). The test drives it through ``/_fleet/...``:
 
 * ``PUT /_fleet/servers/<user>/<server>`` (server ``_`` = default) with
   ``{"kernels": [{"id", "execution_state", "last_activity", "connections"}],
-  "status": 200, "delay": 0}`` — what the server answers;
+  "status": 200, "delay": 0, "last_activity": null}`` — what the server answers
+  (``last_activity``: the server's own tracked API activity, in ``api/status``);
 * ``PUT /_fleet/gpus/<namespace>/<pod>`` with ``{"util": [percent per GPU]}``,
-  ``DELETE`` to drop the pod's series.
+  ``DELETE`` to drop the pod's series;
+* ``GET /_fleet/stops?since=N``: when the hub stopped each server (with
+  ``InstantSpawner.record_stops``), for benchmarks that time culls exactly.
 
 :class:`InstantSpawner` (hub side) "starts" a server by pointing the hub at the
 fleet, so a spawn takes milliseconds; ``user_options["stop_delay"]`` makes its
@@ -43,13 +46,18 @@ from hubml_testing.ports import free_port, wait_http
 
 def _spawner_class():
     from jupyterhub.spawner import Spawner
-    from traitlets import Unicode
+    from tornado.httpclient import AsyncHTTPClient
+    from traitlets import Bool, Unicode
 
     class InstantSpawner(Spawner):
         """Spawner whose servers are routes to the fleet process."""
 
         fleet_url = Unicode(
             os.environ.get("FLEET_URL", ""), help="Base URL of the fleet process."
+        ).tag(config=True)
+        record_stops = Bool(
+            False, help="Tell the fleet when each stop happens (GET /_fleet/stops lists them): "
+            "benchmarks time culls by the hub's own stop, not by polling."
         ).tag(config=True)
 
         _running = False
@@ -67,6 +75,10 @@ def _spawner_class():
             if delay and not now:
                 await asyncio.sleep(delay)
             self._running = False
+            if self.record_stops:
+                body = json.dumps({"user": self.user.name, "server": self.name, "time": time.time()})
+                await AsyncHTTPClient().fetch(f"{self.fleet_url}/_fleet/stops", method="POST", body=body,
+                                              raise_error=False)
 
         def get_state(self):
             state = super().get_state()
@@ -102,6 +114,15 @@ def _make_app(hub_api: str, hub_token: str):
     auth = HubAuth(api_url=hub_api, api_token=hub_token, cache_max_age=300)
     servers: dict[str, dict] = {}
     gpus: dict[tuple[str, str], list[float]] = {}
+    stops: list[dict] = []
+
+    class Stops(web.RequestHandler):
+        def post(self):
+            stops.append(json.loads(self.request.body))
+            self.set_status(204)
+
+        def get(self):  # ?since=N: the stops from index N on
+            self.write({"stops": stops[int(self.get_argument("since", "0")):]})
 
     class Control(web.RequestHandler):
         def put(self, user, server):
@@ -168,7 +189,10 @@ def _make_app(hub_api: str, hub_token: str):
                 self.set_header("Content-Type", "application/json")
                 self.write(json.dumps(out))
             elif api[:1] == ["status"]:
+                # jupyter_server's own last_activity: its kernels and its tracked
+                # API requests ("last_activity" here), never untracked reads
                 times = [k.get("last_activity") for k in cfg["kernels"] if k.get("last_activity")]
+                times += [cfg["last_activity"]] if cfg.get("last_activity") else []
                 self.write({"started": None, "last_activity": max(times) if times else None,
                             "connections": sum(k.get("connections", 0) for k in cfg["kernels"]),
                             "kernels": len(cfg["kernels"])})
@@ -176,6 +200,7 @@ def _make_app(hub_api: str, hub_token: str):
                 raise web.HTTPError(404)
 
     return web.Application([
+        (r"/_fleet/stops", Stops),
         (r"/_fleet/servers/([^/]+)/([^/]+)", Control),
         (r"/_fleet/gpus/([^/]+)/([^/]+)", Gpus),
         (r"/metrics", Metrics),
@@ -207,10 +232,13 @@ class Fleet:
         )
         urllib.request.urlopen(req, timeout=10).close()
 
-    def set_server(self, user: str, server: str = "", *, kernels=(), status: int = 200, delay: float = 0) -> None:
+    def set_server(self, user: str, server: str = "", *, kernels=(), status: int = 200, delay: float = 0,
+                   last_activity: str | None = None) -> None:
+        """What the server answers; ``last_activity`` (ISO) is the server's own
+        API activity, which ``api/status`` reports with its kernels'."""
         self._put(
             f"/_fleet/servers/{quote(user, safe='')}/{quote(server or '_', safe='')}",
-            {"kernels": list(kernels), "status": status, "delay": delay},
+            {"kernels": list(kernels), "status": status, "delay": delay, "last_activity": last_activity},
         )
 
     def set_gpu(self, namespace: str, pod: str, util: list[float]) -> None:
