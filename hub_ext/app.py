@@ -31,6 +31,7 @@ from hubml.profiles import ProfileConfigError, UsageIndex, load_catalogue
 from . import handlers
 from . import kube as k
 from . import objects
+from .endpoints import KSERVE_URL_FIELDS, Endpoints, check_template
 from .mlflow_registry import MlflowRegistry
 from .policy import Caller, Policy
 from .serving import Serving
@@ -78,13 +79,52 @@ class HubMLService(Application):
             raise ValueError(str(e)) from None
 
     kubeconfig = Unicode("", help="Kubeconfig file; empty = the pod's service account (in-cluster).").tag(config=True)
-    training_flavour = Enum(["auto", "job", "pytorchjob"], "auto",
+    training_flavour = Enum(["auto", "job", "pytorchjob", "trainjob"], "auto",
                             help="Training objects: 'job' (Indexed Job + headless Service), 'pytorchjob' (Kubeflow "
-                                 "training operator) or 'auto' (PyTorchJob when its CRD is installed).").tag(config=True)
+                                 "training operator v1), 'trainjob' (Kubeflow Trainer v2 TrainJob on "
+                                 "trainjob_runtime) or 'auto': PyTorchJob when its CRD is installed, else TrainJob "
+                                 "when its CRD is installed, else 'job'. An explicit operator flavour whose CRD the "
+                                 "cluster lacks stops the service at startup.").tag(config=True)
+    trainjob_runtime = Unicode("torch-distributed",
+                               help="The Kubeflow Trainer runtime TrainJobs reference (spec.runtimeRef.name): the "
+                                    "stock 'torch-distributed' ClusterTrainingRuntime, or an administrator's own "
+                                    "Torch runtime whose replicated job and container are both named 'node'."
+                               ).tag(config=True)
+    trainjob_runtime_kind = Enum(["ClusterTrainingRuntime", "TrainingRuntime"], "ClusterTrainingRuntime",
+                                 help="Kind of trainjob_runtime: a cluster-wide ClusterTrainingRuntime, or a "
+                                      "TrainingRuntime in the jobs namespace.").tag(config=True)
+
+    @validate("trainjob_runtime")
+    def _check_trainjob_runtime(self, proposal: Any) -> str:
+        try:
+            objects.TrainerRuntime(name=proposal.value).validate()
+        except InvalidRequest as e:
+            raise ValueError(str(e)) from None
+        return proposal.value
     serving_flavour = Enum(["auto", "kserve", "deployment"], "auto",
                            help="Serving objects: 'kserve' (InferenceService), 'deployment' (Deployment + Service + "
                                 "HPA running MLflow's scoring server) or 'auto' (KServe when its CRD is "
                                 "installed).").tag(config=True)
+    deployment_url_template = Unicode(
+        "",
+        help="Base URL where notebook pods reach a deployment, for clusters that expose models through an ingress "
+             "or gateway, e.g. 'https://models.example.org/{namespace}/{name}'. Placeholders: {name} (deployment), "
+             "{namespace}, {user} (the owner's label-safe name), {flavour} ('deployment' or 'kserve'). hubml "
+             "appends the protocol path: /invocations (MLflow scoring server) or /v2/models/{name}/infer (KServe, "
+             "Open Inference Protocol). Empty (default): in-cluster DNS, http://{name}.{namespace}.svc.cluster.local "
+             "for the Deployment flavour and http://{name}-predictor.{namespace}.svc.cluster.local for KServe. An "
+             "InferenceService's own reported URL (see kserve_url_field) wins over this template once KServe has "
+             "set it.").tag(config=True)
+
+    @validate("deployment_url_template")
+    def _check_url_template(self, proposal: Any) -> str:
+        return check_template(proposal.value) if proposal.value else ""
+
+    kserve_url_field = Enum(list(KSERVE_URL_FIELDS), "address",
+                            help="Which URL an InferenceService reports is used for %predict once KServe has set "
+                                 "it: 'address' (status.address.url, cluster-local: right for notebook pods in the "
+                                 "cluster), 'url' (status.url, through KServe's ingress domain) or 'none' (always "
+                                 "deployment_url_template / the in-cluster default).").tag(config=True)
     extra_pod_annotations = Dict(
         key_trait=Unicode(), value_trait=Unicode(),
         help="Annotations added to every training pod (e.g. for a scheduler, a mesh, or test simulation).",
@@ -200,11 +240,15 @@ class HubMLService(Application):
         egress = [objects.EgressRule(to=r.get("to", []), ports=r.get("ports", [])) for r in self.mlflow_egress] \
             or objects.mlflow_egress_from_uri(pod_uri)
         self.crds = CrdCache(self.kube, ttl=self.crd_cache_seconds)
+        await self._check_training_operator()
         self.training = Training(self.kube, self.registry, self.policy, self.crds, flavour=self.training_flavour,
                                  mlflow_pod_uri=pod_uri, mlflow_egress=egress,
-                                 extra_pod_annotations=dict(self.extra_pod_annotations))
+                                 extra_pod_annotations=dict(self.extra_pod_annotations),
+                                 trainer_runtime=objects.TrainerRuntime(self.trainjob_runtime,
+                                                                        self.trainjob_runtime_kind))
         self.serving = Serving(self.kube, self.registry, self.policy, self.crds, flavour=self.serving_flavour,
-                               mlflow_pod_uri=pod_uri)
+                               mlflow_pod_uri=pod_uri,
+                               endpoints=Endpoints(self.deployment_url_template, self.kserve_url_field))
         if self.use_informers:
             from kubernetes_asyncio import config as k8s_config
 
@@ -221,6 +265,23 @@ class HubMLService(Application):
         app = web.Application(handlers.routes(self.service_prefix), hubml_service=self,
                               default_handler_class=handlers.NotFoundHandler, log_function=self._log_request)
         return app
+
+    async def _check_training_operator(self) -> None:
+        """An explicitly configured operator flavour needs its CRD served and the right to use it."""
+        res = {"pytorchjob": k.PYTORCH_JOB, "trainjob": k.TRAIN_JOB}.get(self.training_flavour)
+        if res is None:
+            return
+        if not (await self.crds.get()).get(res.kind):
+            self.exit_with(
+                f"training_flavour is {self.training_flavour!r}, but the cluster does not serve {res.kind} "
+                f"({res.api_version}): install its operator (CRD), or set HubMLService.training_flavour to 'auto' "
+                f"or 'job'.")
+        try:
+            await self.kube.list(res, self.namespace)
+        except k.Forbidden as e:
+            self.exit_with(f"the service account may not list {res.plural}.{res.group} in namespace "
+                           f"{self.namespace!r} ({e}); apply the Role in the README's 'Hub service RBAC' section "
+                           f"(or install helm-values/hubml-extras).")
 
     def _log_request(self, handler: web.RequestHandler) -> None:
         status = handler.get_status()
@@ -282,8 +343,7 @@ class HubMLService(Application):
 
     async def flavours(self) -> tuple[str, str]:
         found = await self.crds.get()
-        training = self.training_flavour if self.training_flavour != "auto" else (
-            "pytorchjob" if found.get("PyTorchJob") else "job")
+        training = await self.training.resolved_flavour()
         serving = self.serving_flavour if self.serving_flavour != "auto" else (
             "kserve" if found.get("InferenceService") else "deployment")
         return training, serving

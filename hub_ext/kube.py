@@ -130,6 +130,20 @@ def _message(e: ApiException) -> str:
     return str(data.get("message") or e.reason)[:2000] if isinstance(data, dict) else str(body)[:500]
 
 
+async def _body_bytes(resp: Any) -> bytes:
+    """The body of an unread aiohttp response as sent; a non-2xx answer raises ``ApiException`` like
+    the client does, so ``Kube.request`` maps it the same way."""
+    from kubernetes_asyncio.client.rest import RESTResponse
+
+    try:
+        raw = await resp.read()
+    finally:
+        resp.release()
+    if not 200 <= resp.status <= 299:
+        raise ApiException(http_resp=RESTResponse(resp, raw))
+    return raw
+
+
 class Kube:
     """An authenticated API client with retries; create with ``await Kube.connect(...)``."""
 
@@ -157,25 +171,36 @@ class Kube:
     # ------------------------------------------------------------------ the one request path
 
     async def request(self, method: str, path: str, *, body: Any = None, query: dict[str, Any] | None = None,
-                      content_type: str = "application/json", text: bool = False, retry: bool = True) -> Any:
+                      content_type: str = "application/json", text: bool = False, raw: bool = False,
+                      retry: bool = True) -> Any:
         """Call the API server; return the parsed JSON (or text), raise a ``KubeError`` subclass.
 
         Retried: connection errors, 429 and 5xx (writes too: every write of the
         service is a create with a fixed name or an idempotent patch/delete, so
         a retry after a lost answer ends in 409/404, which callers expect).
+
+        ``text=True`` returns the body exactly as sent (a container log): the
+        client's own deserializer would first try it as JSON, so a log that
+        happens to be one JSON value (``{"loss": 0.5}``, ``0.50``, ``null``)
+        would come back as its Python ``str()`` or ``None``. ``raw=True`` returns
+        those bytes undecoded (a reader that counts bytes against ``limitBytes``).
         """
         attempts = self.retries + 1 if retry else 1
         delay = self.backoff
         last: Exception | None = None
         for attempt in range(attempts):
             try:
-                data, _status, _headers = await self.api.call_api(
+                result = await self.api.call_api(
                     path, method, query_params=list((query or {}).items()),
                     header_params={"Content-Type": content_type, "Accept": "application/json"},
                     body=body, auth_settings=["BearerToken"],
-                    response_types_map={200: "str" if text else "object", 201: "object", 202: "object"},
-                    _preload_content=True, _request_timeout=self.timeout,
+                    response_types_map={200: "object", 201: "object", 202: "object"},
+                    _preload_content=not (text or raw), _request_timeout=self.timeout,
                 )
+                if text or raw:
+                    data = await _body_bytes(result)
+                    return data if raw else data.decode("utf-8", "replace")
+                data, _status, _headers = result
                 return data
             except ApiException as e:
                 status = int(e.status or 0)
@@ -241,13 +266,26 @@ class Kube:
         return True
 
     async def pod_log(self, namespace: str, name: str, *, container: str | None = None,
-                      limit_bytes: int | None = None) -> str:
+                      limit_bytes: int | None = None, since_time: str | None = None,
+                      timestamps: bool = False) -> bytes:
+        """A container's log (``kubectl logs``), as the kubelet sends it: bytes, since ``limitBytes`` counts them.
+
+        ``since_time`` (RFC 3339; the API server passes it on to the kubelet at
+        second precision) skips records stamped earlier; ``timestamps`` prefixes
+        each line with its RFC 3339 (nanosecond) time and a space; the kubelet
+        stops after ``limit_bytes`` bytes, possibly mid-line. Not retried: a
+        reader polls again anyway.
+        """
         query: dict[str, Any] = {}
         if container:
             query["container"] = container
         if limit_bytes:
-            query["limitBytes"] = limit_bytes
-        return await self.request("GET", POD.path(namespace, name, "log"), query=query, text=True, retry=False)
+            query["limitBytes"] = int(limit_bytes)
+        if since_time:
+            query["sinceTime"] = since_time
+        if timestamps:
+            query["timestamps"] = "true"
+        return await self.request("GET", POD.path(namespace, name, "log"), query=query, raw=True, retry=False)
 
     async def has_resource(self, res: Resource) -> bool:
         """Whether the API server serves ``res`` (its CRD is installed and established)."""

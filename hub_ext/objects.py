@@ -11,7 +11,8 @@ here ends up in an object that runs code in the cluster:
 - ``TrainingPlan`` -> ``indexed_job`` (one pod per worker, ``completionMode:
   Indexed``, each pod running ``torch.distributed.run`` with the c10d rendezvous
   at pod 0 through ``rendezvous_service``, a headless Service), or
-  ``pytorch_job`` (Kubeflow ``PyTorchJob`` v1) where the operator is installed;
+  ``pytorch_job`` (Kubeflow ``PyTorchJob`` v1) where the operator is installed,
+  or ``train_job`` (Kubeflow Trainer ``TrainJob`` v1alpha1 on a training runtime);
   ``code_config_map`` ships the cell; ``training_network_policy`` lets the pods
   reach each other, DNS and MLflow only.
 - ``ServingPlan`` -> ``inference_service`` (KServe v1beta1, ``modelFormat:
@@ -391,6 +392,138 @@ def pytorch_job(plan: TrainingPlan) -> dict[str, Any]:
                      "pytorchReplicaSpecs": replicas}}
 
 
+#: Kubeflow Trainer: the replicated job (and its container) a Torch runtime trains in.
+TRAINER_NODE = "node"
+TRAINER_API_GROUP = "trainer.kubeflow.org"
+TRAINER_RUNTIME_KINDS = ("ClusterTrainingRuntime", "TrainingRuntime")
+#: Label JobSet puts on every pod of a JobSet; the Trainer names the JobSet after the TrainJob.
+JOBSET_NAME_LABEL = "jobset.sigs.k8s.io/jobset-name"
+_DNS_SUBDOMAIN_RE = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+
+
+@dataclass(frozen=True)
+class TrainerRuntime:
+    """The (Cluster)TrainingRuntime a ``TrainJob`` runs on (``HubMLService.trainjob_runtime``).
+
+    Default: the Trainer's stock ``torch-distributed`` ClusterTrainingRuntime,
+    whose ``node`` replicated job runs one pod per node and injects the
+    ``PET_*`` variables ``torch.distributed.run`` reads.
+    """
+
+    name: str = "torch-distributed"
+    kind: str = "ClusterTrainingRuntime"
+
+    def validate(self) -> "TrainerRuntime":
+        if not isinstance(self.name, str) or len(self.name) > 253 or not _DNS_SUBDOMAIN_RE.match(self.name):
+            raise InvalidRequest(
+                f"Training runtime name {self.name!r} is not a Kubernetes object name (lower-case letters, digits, "
+                f"'-' and '.'); set HubMLService.trainjob_runtime to the name of an installed runtime, such as "
+                f"'torch-distributed'."
+            )
+        if self.kind not in TRAINER_RUNTIME_KINDS:
+            raise InvalidRequest(
+                f"Training runtime kind {self.kind!r} is neither of {', '.join(TRAINER_RUNTIME_KINDS)}; set "
+                f"HubMLService.trainjob_runtime_kind to one of them."
+            )
+        return self
+
+
+def trainjob_node_selector(plan: TrainingPlan) -> dict[str, str]:
+    """The profile's placement as the exact-match node selector a Trainer v2.0 override can carry.
+
+    ``podSpecOverrides`` has ``nodeSelector`` and ``tolerations`` but no
+    ``affinity``. A required ``key In [values]`` term is kept exactly when it
+    has one value (it becomes ``key: value``) or the profile's own node
+    selector already pins ``key`` to one of the values; any other term would
+    be dropped, and dropping the GPU-model term could place a job on a GPU of
+    a model (or a group-restricted pool) its profile does not give, so it is
+    refused with what to change.
+    """
+    selector = dict(plan.node_selector)
+    for expr in plan.node_affinity:
+        key, op, values = expr.get("key"), expr.get("operator"), list(expr.get("values") or ())
+        if op == "In" and key in selector and selector[key] in values:
+            continue
+        if op == "In" and len(values) == 1 and selector.get(key, values[0]) == values[0]:
+            selector[key] = values[0]
+            continue
+        raise InvalidRequest(
+            f"The Kubeflow TrainJob flavour cannot express the profile's node rule {key} {op} {values} (Trainer "
+            f"podSpecOverrides take an exact node selector, no affinity). Add node_selector: {{{key!r}: <the value "
+            f"your nodes carry, e.g. {values[-1]!r}>}} to the profile, or set HubMLService.training_flavour to "
+            f"'job' or 'pytorchjob'."
+        )
+    _check_labels(selector, "node selector")
+    return selector
+
+
+def train_job(plan: TrainingPlan, runtime: TrainerRuntime = TrainerRuntime()) -> dict[str, Any]:
+    """A Kubeflow Trainer ``TrainJob`` (trainer.kubeflow.org/v1alpha1, the v2.0 API) on ``runtime``.
+
+    The runtime decides the pods (a JobSet with a ``node`` replicated job);
+    hubml sets what the TrainJob API lets a job set: ``trainer`` (image, the
+    command, env, ``numNodes``, ``numProcPerNode``, ``resourcesPerNode``) and a
+    ``podSpecOverrides`` entry for the ``node`` job that mounts the code
+    ConfigMap and /dev/shm and places the pods (node selector, tolerations).
+    The Torch plugin injects ``PET_NNODES``/``PET_NODE_RANK``/``PET_MASTER_ADDR``…,
+    which ``torch.distributed.run`` reads, so the command only names the script.
+    ``spec.labels`` reach the JobSet and its Jobs; pods carry the JobSet's
+    ``jobset.sigs.k8s.io/jobset-name`` (= the job id), which the NetworkPolicy
+    and hubml's pod lookups select on. Pod hardening (no service-account
+    token, security context) is the runtime's: v2.0 overrides cannot set it.
+    """
+    plan.validate()
+    runtime.validate()
+    selector = trainjob_node_selector(plan)
+    reserved = sorted(name for name in plan.env if name.startswith("PET_"))
+    if reserved:
+        raise InvalidRequest(
+            f"--env {', '.join(reserved)}: PET_* variables are set by the Kubeflow Trainer's Torch runtime "
+            f"(nodes, rank, master address) and cannot be given; remove them from --env."
+        )
+    # one entry per name (the API keys the list by name): the service's variables win
+    env = {**plan.env, **plan.system_env, "PYTHONUNBUFFERED": "1"}
+    if len(env) > 128:
+        raise InvalidRequest(f"A TrainJob takes at most 128 environment variables; this job has {len(env)}. "
+                             f"Pass fewer --env values.")
+    trainer: dict[str, Any] = {
+        "image": plan.image,
+        "command": [plan.python, "-m", "torch.distributed.run", f"{CODE_MOUNT}/{CODE_FILE}"],
+        "env": [{"name": k, "value": v} for k, v in env.items()],
+        "numNodes": plan.workers,
+        "numProcPerNode": plan.nproc_per_node,
+    }
+    if plan.resources:
+        trainer["resourcesPerNode"] = {k: dict(v) for k, v in plan.resources.items() if v}
+    override: dict[str, Any] = {
+        "targetJobs": [{"name": TRAINER_NODE}],
+        "volumes": [
+            {"name": "hubml-code", "configMap": {"name": plan.config_map_name, "defaultMode": 0o444}},
+            {"name": "hubml-dshm", "emptyDir": {"medium": "Memory", "sizeLimit": plan.shm_size}},
+        ],
+        "containers": [{"name": TRAINER_NODE, "volumeMounts": [
+            {"name": "hubml-code", "mountPath": CODE_MOUNT, "readOnly": True},
+            {"name": "hubml-dshm", "mountPath": "/dev/shm"}]}],
+    }
+    if selector:
+        override["nodeSelector"] = selector
+    if plan.tolerations:
+        override["tolerations"] = [dict(t) for t in plan.tolerations]
+    spec: dict[str, Any] = {
+        "runtimeRef": {"name": runtime.name, "apiGroup": TRAINER_API_GROUP, "kind": runtime.kind},
+        "trainer": trainer,
+        "labels": {**plan.pod_labels, **plan.labels()},
+        "annotations": {**plan.pod_annotations, ANNOTATION_USERNAME: plan.username},
+        "podSpecOverrides": [override],
+        "suspend": plan.suspend,
+    }
+    if plan.active_deadline_seconds:
+        spec["activeDeadlineSeconds"] = plan.active_deadline_seconds
+    return {"apiVersion": f"{TRAINER_API_GROUP}/v1alpha1", "kind": "TrainJob",
+            "metadata": _meta(plan.job_name, plan.namespace, plan.labels(), plan.annotations()),
+            "spec": spec}
+
+
 def rendezvous_service(plan: TrainingPlan, owner: dict[str, Any] | None = None) -> dict[str, Any]:
     """Headless Service giving pod 0 the name the other workers rendezvous at.
 
@@ -423,23 +556,32 @@ class EgressRule:
 
 
 def training_network_policy(plan: TrainingPlan, mlflow: list[EgressRule],
-                            owner: dict[str, Any] | None = None) -> dict[str, Any]:
+                            owner: dict[str, Any] | None = None, *,
+                            pod_selector: dict[str, str] | None = None) -> dict[str, Any]:
     """Ingress only from the job's own pods; egress only to them, DNS and MLflow.
 
     Training code is arbitrary user code with the user's data: no internet
-    egress means no exfiltration and no surprise downloads.
+    egress means no exfiltration and no surprise downloads. ``pod_selector``
+    names the job's pods where they do not carry ``hubml.io/job`` (a TrainJob's
+    pods carry ``jobset.sigs.k8s.io/jobset-name``: ``trainjob_pod_selector``).
     """
-    same_job = [{"podSelector": {"matchLabels": {LABEL_JOB: plan.job_id}}}]
+    match = dict(pod_selector) if pod_selector else {LABEL_JOB: plan.job_id}
+    same_job = [{"podSelector": {"matchLabels": match}}]
     dns = {"to": [{"namespaceSelector": {}, "podSelector": {"matchLabels": {"k8s-app": "kube-dns"}}}],
            "ports": [{"protocol": "UDP", "port": 53}, {"protocol": "TCP", "port": 53}]}
     egress = [{"to": same_job}, dns] + [{"to": r.to, "ports": r.ports} for r in mlflow]
     return {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
             "metadata": _meta(plan.job_id, plan.namespace, plan.labels(),
                               {ANNOTATION_USERNAME: plan.username}, owner),
-            "spec": {"podSelector": {"matchLabels": {LABEL_JOB: plan.job_id}},
+            "spec": {"podSelector": {"matchLabels": dict(match)},
                      "policyTypes": ["Ingress", "Egress"],
                      "ingress": [{"from": same_job}],
                      "egress": egress}}
+
+
+def trainjob_pod_selector(job_id: str) -> dict[str, str]:
+    """Labels of a TrainJob's pods: its JobSet's name, which the Trainer sets to the TrainJob's."""
+    return {JOBSET_NAME_LABEL: job_id}
 
 
 def mlflow_egress_from_uri(uri: str) -> list[EgressRule]:
@@ -610,10 +752,11 @@ def scoring_hpa(plan: ServingPlan, owner: dict[str, Any] | None = None) -> dict[
 
 
 def deployment_url(name: str, namespace: str, kserve: bool) -> str:
-    """In-cluster URL answering predictions (what ``%predict`` posts to)."""
-    if kserve:
-        return f"http://{name}-predictor.{namespace}.svc.cluster.local/v2/models/{name}/infer"
-    return f"http://{name}.{namespace}.svc.cluster.local/invocations"
+    """The default in-cluster URL answering predictions (see ``endpoints`` for the configurable one)."""
+    from .endpoints import Endpoints, protocol_path
+
+    flavour = "kserve" if kserve else "deployment"
+    return Endpoints().base_url(flavour, name, namespace, user="") + protocol_path(flavour, name)
 
 
 # --------------------------------------------------------------------------- the service's own RBAC
@@ -644,6 +787,7 @@ def service_rbac(namespace: str, service_account: str = "hubml",
                 {"apiGroups": ["autoscaling"], "resources": ["horizontalpodautoscalers"],
                  "verbs": ["create", "get", "patch", "delete"]},
                 {"apiGroups": ["kubeflow.org"], "resources": ["pytorchjobs"], "verbs": list(verbs_rw)},
+                {"apiGroups": ["trainer.kubeflow.org"], "resources": ["trainjobs"], "verbs": list(verbs_rw)},
                 {"apiGroups": ["serving.kserve.io"], "resources": ["inferenceservices"], "verbs": list(verbs_rw)},
             ]}
     binding = {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",

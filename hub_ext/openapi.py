@@ -20,12 +20,13 @@ import jsonschema
 from hubml.errors import InvalidRequest
 from hubml.jobs import MAX_CODE_BYTES, MAX_GPUS_PER_WORKER, MAX_WORKERS
 
+from .log_cursor import CURSOR_DOCUMENTED_LENGTH, CURSOR_MAX_LENGTH, CURSOR_PATTERN
+
 API_VERSION = "v1"
 
 DNS_LABEL = r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$"
 MODEL_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$"
 ENV_NAME = r"^[A-Za-z_][A-Za-z0-9_]*$"
-CURSOR = r"^(\d{1,3}:\d{1,9}(,\d{1,3}:\d{1,9})*)?$"
 
 SCHEMAS: dict[str, Any] = {
     "Error": {"type": "object", "required": ["error"],
@@ -70,7 +71,7 @@ SCHEMAS: dict[str, Any] = {
             "lines": {"type": "array", "items": {"type": "object", "required": ["rank", "text"],
                                                  "properties": {"rank": {"type": "integer"},
                                                                 "text": {"type": "string"}}}},
-            "next_cursor": {"type": "string", "pattern": CURSOR},
+            "next_cursor": {"type": "string", "pattern": CURSOR_PATTERN, "maxLength": CURSOR_MAX_LENGTH},
             "state": {"$ref": "#/components/schemas/JobState"},
         },
     },
@@ -126,7 +127,7 @@ SCHEMAS: dict[str, Any] = {
                                "total": {"type": "integer", "nullable": True}}},
     "Info": {"type": "object", "required": ["version", "user", "training", "serving"],
              "properties": {"version": {"type": "string"}, "user": {"type": "string"},
-                            "training": {"type": "string", "enum": ["job", "pytorchjob"]},
+                            "training": {"type": "string", "enum": ["job", "pytorchjob", "trainjob"]},
                             "serving": {"type": "string", "enum": ["kserve", "deployment"]},
                             "namespace": {"type": "string"}}},
 }
@@ -197,7 +198,9 @@ def document(server_url: str = "/services/hubml/api/v1") -> dict[str, Any]:
             "operationId": "jobLogs", "security": jobs_scope, "summary": "Log lines since a cursor (long-poll).",
             "parameters": [JOB_ID,
                            {"name": "cursor", "in": "query", "required": False,
-                            "schema": {"type": "string", "pattern": CURSOR, "maxLength": 4096}},
+                            "schema": {"type": "string", "pattern": CURSOR_PATTERN,
+                                       "maxLength": CURSOR_DOCUMENTED_LENGTH},
+                            "description": "Opaque: the next_cursor of the previous answer; leave out to start."},
                            {"name": "wait", "in": "query", "required": False,
                             "schema": {"type": "number", "minimum": 0, "maximum": 30}}],
             "responses": {"200": _resp("LogChunk", "New lines and the cursor to pass next."), **AUTH,

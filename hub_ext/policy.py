@@ -338,8 +338,21 @@ def pod_rank(pod: dict[str, Any]) -> int | None:
     return None
 
 
+def trainjob_running(job: dict[str, Any]) -> bool:
+    """Whether a TrainJob's trainer (``node``) job has all its pods ready, from ``status.jobsStatus``.
+
+    The Trainer counts child Jobs there: ``ready`` is the number of Jobs of
+    the replicated job whose pods are all ready or done, so ``ready >= 1`` on
+    ``node`` (one Job of ``numNodes`` pods) means every worker runs.
+    """
+    for entry in (job.get("status") or {}).get("jobsStatus") or ():
+        if entry.get("name") == objects.TRAINER_NODE:
+            return int(entry.get("ready") or 0) + int(entry.get("succeeded") or 0) >= 1
+    return False
+
+
 def job_status(job: dict[str, Any], pods: list[dict[str, Any]]) -> JobStatus:
-    """A ``JobStatus`` from a Job (or PyTorchJob) and its pods, as the API server reports them.
+    """A ``JobStatus`` from a Job (PyTorchJob, TrainJob) and its pods, as the API server reports them.
 
     The newest pod per rank wins (a replacement pod after a failure). A worker
     that ended non-zero makes the job failed, naming the rank and exit code;
@@ -362,6 +375,12 @@ def job_status(job: dict[str, Any], pods: list[dict[str, Any]]) -> JobStatus:
     conditions = {c.get("type"): c for c in (job.get("status") or {}).get("conditions") or ()
                   if c.get("status") == "True"}
     status = job.get("status") or {}
+    trainjob = job.get("kind") == "TrainJob"
+    if trainjob and not by_rank:
+        # no pod seen (yet): the Trainer's jobsStatus says whether the node job runs
+        running = trainjob_running(job)
+        worker_states = [WorkerStatus(rank=w.rank, state=JobState.RUNNING if running else JobState.PENDING)
+                         for w in worker_states]
     failed = [w for w in worker_states if w.state is JobState.FAILED]
     message = ""
     if annotations.get(objects.ANNOTATION_CANCELLED):
@@ -373,6 +392,10 @@ def job_status(job: dict[str, Any], pods: list[dict[str, Any]]) -> JobStatus:
         state = JobState.FAILED
         cond = conditions.get("Failed") or {}
         message = cond.get("message") or cond.get("reason") or ""
+    elif trainjob and "Suspended" in conditions:
+        state = JobState.PENDING
+        cond = conditions["Suspended"]
+        message = f"Suspended: {cond.get('message') or cond.get('reason') or 'the TrainJob is suspended'}"
     elif worker_states and all(w.state in (JobState.RUNNING, JobState.SUCCEEDED) for w in worker_states):
         state = JobState.RUNNING
     else:
@@ -384,7 +407,7 @@ def job_status(job: dict[str, Any], pods: list[dict[str, Any]]) -> JobStatus:
     finished_at = None
     if state.finished:
         finished_at = _ts(status.get("completionTime")) or _ts((conditions.get("Failed") or {}).get(
-            "lastTransitionTime")) or _ts(annotations.get(objects.ANNOTATION_CANCELLED) if
+            "lastTransitionTime")) or _ts((conditions.get("Complete") or {}).get("lastTransitionTime")) or _ts(annotations.get(objects.ANNOTATION_CANCELLED) if
                                           annotations.get(objects.ANNOTATION_CANCELLED, "").endswith("Z") else None)
     started = _ts(status.get("startTime"))
     return JobStatus(

@@ -19,6 +19,7 @@ from hubml.models import DeploySpec, DeploymentInfo, ModelRef
 
 from . import kube as k
 from . import objects, policy as pol
+from .endpoints import Endpoints
 from .mlflow_registry import MlflowRegistry
 from .training import CrdCache
 
@@ -44,13 +45,16 @@ def _record(obj: dict[str, Any]) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
-def deployment_info(obj: dict[str, Any]) -> DeploymentInfo:
-    """A ``DeploymentInfo`` from an InferenceService or a Deployment, as the API server reports it."""
+def deployment_info(obj: dict[str, Any], endpoints: Endpoints = Endpoints()) -> DeploymentInfo:
+    """A ``DeploymentInfo`` from an InferenceService or a Deployment, as the API server reports it.
+
+    ``url`` is where notebook pods reach it (``endpoints``: KServe's own reported
+    address when set, else the administrator's template, else in-cluster DNS).
+    """
     meta = obj.get("metadata") or {}
     rec = _record(obj)
     status = obj.get("status") or {}
     name = meta.get("name", "")
-    namespace = meta.get("namespace", "")
     message = ""
     if obj.get("kind") == "InferenceService":
         conds = {c.get("type"): c for c in status.get("conditions") or ()}
@@ -58,7 +62,6 @@ def deployment_info(obj: dict[str, Any]) -> DeploymentInfo:
         state = "ready" if ready.get("status") == "True" else "failed" if ready.get("reason") in (
             "RevisionFailed", "ContainerHealthy") else "starting"
         message = ready.get("message") or ""
-        url = objects.deployment_url(name, namespace, kserve=True)
     else:
         conds = {c.get("type"): c for c in status.get("conditions") or ()}
         if (status.get("readyReplicas") or 0) >= 1:
@@ -69,7 +72,7 @@ def deployment_info(obj: dict[str, Any]) -> DeploymentInfo:
             message = (conds.get("ReplicaFailure") or conds.get("Progressing") or {}).get("message", "")
         else:
             state = "starting"
-        url = objects.deployment_url(name, namespace, kserve=False)
+    url = endpoints.url_for(obj)
     return DeploymentInfo(name=name, model=str(rec.get("model", "")), version=int(rec.get("version") or 0),
                           url=url, state=state, backend="hub", created=float(rec.get("created") or 0),
                           message=message)
@@ -77,13 +80,14 @@ def deployment_info(obj: dict[str, Any]) -> DeploymentInfo:
 
 class Serving:
     def __init__(self, kube: k.Kube, registry: MlflowRegistry, policy: pol.Policy, crds: CrdCache, *,
-                 flavour: str = "auto", mlflow_pod_uri: str) -> None:
+                 flavour: str = "auto", mlflow_pod_uri: str, endpoints: Endpoints = Endpoints()) -> None:
         self.kube = kube
         self.registry = registry
         self.policy = policy
         self.crds = crds
         self.flavour = flavour
         self.mlflow_pod_uri = mlflow_pod_uri
+        self.endpoints = endpoints.validate()
 
     @property
     def ns(self) -> str:
@@ -106,13 +110,13 @@ class Serving:
         return await self.kube.get_or_none(k.DEPLOYMENT, self.ns, name)
 
     async def list(self, caller: pol.Caller) -> list[DeploymentInfo]:
-        infos = [deployment_info(o) for o in await self._objects(caller)]
+        infos = [deployment_info(o, self.endpoints) for o in await self._objects(caller)]
         return sorted(infos, key=lambda d: d.name)
 
     async def get(self, caller: pol.Caller, name: str) -> DeploymentInfo:
         self._check_name(name)
         obj = pol.require_owner(await self._find(name), caller, "Deployment", name)
-        return deployment_info(obj)
+        return deployment_info(obj, self.endpoints)
 
     @staticmethod
     def _check_name(name: str) -> None:
@@ -144,7 +148,7 @@ class Serving:
                 if existing_obj is not None:
                     await self._delete_trio(caller, spec.name)
                 obj = await self.kube.create(isvc)
-            return deployment_info(obj)
+            return deployment_info(obj, self.endpoints)
         if spec.canary_percent is not None:
             raise InvalidRequest("--canary needs KServe, which this cluster does not have.")
         dep = objects.scoring_deployment(plan)
@@ -153,7 +157,7 @@ class Serving:
                                         {"metadata": {"annotations": dep["metadata"]["annotations"]},
                                          "spec": dep["spec"]})
             await self.kube.patch(k.HPA, self.ns, spec.name, {"spec": objects.scoring_hpa(plan)["spec"]})
-            return deployment_info(obj)
+            return deployment_info(obj, self.endpoints)
         obj = await self.kube.create(dep)
         try:
             owner = objects.owner_reference(obj)
@@ -162,7 +166,7 @@ class Serving:
         except BaseException:
             await self._delete_trio(caller, spec.name)
             raise
-        return deployment_info(obj)
+        return deployment_info(obj, self.endpoints)
 
     async def _delete_trio(self, caller: pol.Caller, name: str) -> None:
         """Delete the Deployment, Service and HPA called ``name`` that are the caller's (only those)."""

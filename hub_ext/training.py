@@ -11,13 +11,15 @@ Cancel sets ``activeDeadlineSeconds: 1`` and the ``hubml.io/cancelled``
 annotation: the Job controller terminates the pods and marks the Job failed
 (DeadlineExceeded), which makes it *finished*, so ``ttlSecondsAfterFinished``
 later deletes it and everything it owns. The annotation makes it read as
-"cancelled", not "failed".
+"cancelled", not "failed". A Trainer ``TrainJob`` (whose deadline is
+immutable) is suspended instead, so the Trainer removes its pods, and its
+ConfigMap is deleted; finished TrainJobs are deleted by ``list`` once
+``ttlSecondsAfterFinished`` has passed, since the Trainer keeps them forever.
 """
 
 from __future__ import annotations
 
 import asyncio
-import re
 import secrets
 import time
 from dataclasses import dataclass, field
@@ -29,28 +31,9 @@ from hubml.errors import InvalidRequest, NotFound
 from hubml.jobs import JobState, JobStatus, LogLine, TrainSpec
 
 from . import kube as k
+from . import log_cursor as lc
 from . import objects, policy as pol
 from .mlflow_registry import MlflowRegistry
-
-_CURSOR_RE = re.compile(r"^(\d{1,3}:\d{1,9}(,\d{1,3}:\d{1,9})*)?$")
-MAX_LOG_BYTES = 4 * 1024 * 1024
-
-
-def parse_cursor(cursor: str | None) -> dict[int, int]:
-    """``"0:12,1:5"`` (lines already read per rank) -> ``{0: 12, 1: 5}``."""
-    if cursor in (None, ""):
-        return {}
-    if not isinstance(cursor, str) or not _CURSOR_RE.match(cursor):
-        raise InvalidRequest(
-            f"cursor {cursor!r} is not a log cursor; pass back the next_cursor of the previous answer, or "
-            f"leave it out to read from the start."
-        )
-    return {int(r): int(n) for r, n in (part.split(":") for part in cursor.split(","))}
-
-
-def format_cursor(seen: dict[int, int]) -> str:
-    return ",".join(f"{r}:{n}" for r, n in sorted(seen.items()))
-
 
 @dataclass
 class CrdCache:
@@ -110,7 +93,8 @@ class Training:
 
     def __init__(self, kube: k.Kube, registry: MlflowRegistry, policy: pol.Policy, crds: CrdCache, *,
                  flavour: str = "auto", mlflow_pod_uri: str, mlflow_egress: list[objects.EgressRule],
-                 extra_pod_annotations: dict[str, str] | None = None) -> None:
+                 extra_pod_annotations: dict[str, str] | None = None,
+                 trainer_runtime: objects.TrainerRuntime = objects.TrainerRuntime()) -> None:
         self.kube = kube
         self.registry = registry
         self.policy = policy
@@ -119,7 +103,10 @@ class Training:
         self.mlflow_pod_uri = mlflow_pod_uri
         self.mlflow_egress = mlflow_egress
         self.extra_pod_annotations = dict(extra_pod_annotations or {})
+        self.trainer_runtime = trainer_runtime.validate()
         self.cache: JobReflector | None = None
+        #: ids of jobs found to be TrainJobs: their pods carry their JobSet's labels, not hubml's (``_pods``)
+        self._trainjob_ids: set[str] = set()
 
     def use_cache(self, cache: JobReflector) -> None:
         self.cache = cache
@@ -128,8 +115,13 @@ class Training:
     def ns(self) -> str:
         return self.policy.namespace
 
-    async def _use_pytorchjob(self) -> bool:
-        return await self.crds.use_operator(self.flavour, "pytorchjob", "PyTorchJob")
+    async def resolved_flavour(self) -> str:
+        """The flavour new jobs get: the configured one, or for ``auto`` the installed operator
+        (``PyTorchJob``, then Trainer ``TrainJob``), else hubml's built-in Indexed Job."""
+        if self.flavour != "auto":
+            return self.flavour
+        found = await self.crds.get()
+        return "pytorchjob" if found.get("PyTorchJob") else "trainjob" if found.get("TrainJob") else "job"
 
     # ------------------------------------------------------------------ submit
 
@@ -142,19 +134,27 @@ class Training:
         record = {"workers": spec.workers, "experiment": spec.experiment, "run_name": spec.run_name,
                   "created": time.time()}
         # refuse bad requests before anything exists (the run included)
-        pol.plan_training(self.policy, caller, spec, job_id=job_id, mlflow_env={}, record=record, image=image,
-                          active=active)
+        first = pol.plan_training(self.policy, caller, spec, job_id=job_id, mlflow_env={}, record=record,
+                                  image=image, active=active)
+        flavour = await self.resolved_flavour()
+        if flavour == "trainjob":
+            objects.train_job(first, self.trainer_runtime)  # what a TrainJob cannot express is refused here
         run = await asyncio.to_thread(self.registry.create_run, caller.name, job_id, spec.experiment, spec.run_name)
         record.update(run)
         env = {"MLFLOW_TRACKING_URI": self.mlflow_pod_uri, "MLFLOW_RUN_ID": run["run_id"],
                "MLFLOW_EXPERIMENT_ID": str(run["experiment_id"])}
         plan = pol.plan_training(self.policy, caller, spec, job_id=job_id, mlflow_env=env, record=record,
                                  image=image, active=active, extra_pod_annotations=self.extra_pod_annotations)
-        use_pj = await self._use_pytorchjob()
-        res = k.PYTORCH_JOB if use_pj else k.JOB
-        manifest = objects.pytorch_job(plan) if use_pj else objects.indexed_job(plan)
-        deps = [objects.code_config_map(plan), objects.training_network_policy(plan, self.mlflow_egress)]
-        if not use_pj:
+        res = {"pytorchjob": k.PYTORCH_JOB, "trainjob": k.TRAIN_JOB}.get(flavour, k.JOB)
+        if flavour == "trainjob":
+            manifest = objects.train_job(plan, self.trainer_runtime)
+            selector = objects.trainjob_pod_selector(job_id)
+        else:
+            manifest = objects.pytorch_job(plan) if flavour == "pytorchjob" else objects.indexed_job(plan)
+            selector = None
+        deps = [objects.code_config_map(plan),
+                objects.training_network_policy(plan, self.mlflow_egress, pod_selector=selector)]
+        if flavour == "job":
             deps.append(objects.rendezvous_service(plan))
         made: list[dict[str, Any]] = []
         created = None
@@ -192,13 +192,19 @@ class Training:
         if job is None:
             job = await self.kube.get_or_none(k.JOB, self.ns, job_id)
         res = k.JOB
-        if job is None and (await self.crds.get()).get("PyTorchJob"):
-            job = await self.kube.get_or_none(k.PYTORCH_JOB, self.ns, job_id)
-            res = k.PYTORCH_JOB
+        for operator in (k.PYTORCH_JOB, k.TRAIN_JOB):
+            if job is None and (await self.crds.get()).get(operator.kind):
+                job = await self.kube.get_or_none(operator, self.ns, job_id)
+                res = operator
         pol.require_owner(job, caller, "Job", job_id)
+        if res is k.TRAIN_JOB:
+            self._trainjob_ids.add(job_id)
         return res, job
 
     async def _pods(self, labels: dict[str, str]) -> list[dict[str, Any]]:
+        job_id = labels.get(objects.LABEL_JOB)
+        if job_id in self._trainjob_ids:  # (``_find`` saw it) the JobSet's pods: not in the reflector
+            return await self.kube.list(k.POD, self.ns, labels=objects.trainjob_pod_selector(job_id))
         if self.cache is not None:
             return [p for p in self.cache.pods.resources.values()
                     if all(((p.get("metadata") or {}).get("labels") or {}).get(key) == value
@@ -213,8 +219,8 @@ class Training:
     async def list(self, caller: pol.Caller) -> list[JobStatus]:
         labels = {objects.LABEL_USER: objects.user_slug(caller.name), objects.LABEL_KIND: objects.KIND_TRAINING}
         kinds = [] if self.cache is not None else [k.JOB]
-        if self.flavour != "job" and (await self.crds.get()).get("PyTorchJob"):
-            kinds.append(k.PYTORCH_JOB)
+        found = await self.crds.get() if self.flavour != "job" else {}
+        kinds += [r for r in (k.PYTORCH_JOB, k.TRAIN_JOB) if found.get(r.kind)]
         results = list(await asyncio.gather(*(self.kube.list(r, self.ns, labels=labels) for r in kinds),
                                             self._pods(labels)))
         if self.cache is not None:
@@ -227,7 +233,25 @@ class Training:
             by_job.setdefault(((pod.get("metadata") or {}).get("labels") or {}).get(objects.LABEL_JOB, ""),
                               []).append(pod)
         statuses = [pol.job_status(j, by_job.get(j["metadata"]["name"], [])) for j in jobs]
+        await self._expire_trainjobs(jobs, statuses)
         return sorted(statuses, key=lambda s: s.created, reverse=True)
+
+    async def _expire_trainjobs(self, jobs: list[dict[str, Any]], statuses: list[JobStatus]) -> None:
+        """Delete TrainJobs finished longer than ``ttl_seconds_after_finished`` ago (with all they own).
+
+        Why here: the Trainer (v2.0) has no TTL for the TrainJob itself, only for
+        its JobSet; the Job and PyTorchJob flavours get theirs from their
+        controllers. Deleting while listing keeps the same promise without a
+        background loop; a job still shows in the list that deletes it.
+        """
+        limit = time.time() - self.policy.ttl_seconds_after_finished
+        old = [j for j, st in zip(jobs, statuses)
+               if j.get("kind") == k.TRAIN_JOB.kind and st.state.finished and st.finished and st.finished < limit]
+        self._trainjob_ids.difference_update(j["metadata"]["name"] for j in old)
+        for result in await asyncio.gather(*(self.kube.delete(k.TRAIN_JOB, self.ns, j["metadata"]["name"])
+                                             for j in old), return_exceptions=True):
+            if isinstance(result, BaseException) and not isinstance(result, k.KubeError):
+                raise result  # a Kubernetes error is retried on the next list; anything else is a bug
 
     # ------------------------------------------------------------------ cancel
 
@@ -240,48 +264,100 @@ class Training:
         patch: dict[str, Any] = {"metadata": {"annotations": {objects.ANNOTATION_CANCELLED: now}}}
         if res is k.JOB:
             patch["spec"] = {"activeDeadlineSeconds": 1, "suspend": False}
+        elif res is k.TRAIN_JOB:
+            # activeDeadlineSeconds is immutable on a TrainJob; suspending makes the
+            # Trainer suspend its JobSet, which deletes the pods
+            patch["spec"] = {"suspend": True}
         else:
             patch["spec"] = {"runPolicy": {"activeDeadlineSeconds": 1, "suspend": False}}
         await self.kube.patch(res, self.ns, job_id, patch)
+        if res is k.TRAIN_JOB:  # the code is not needed any more (the rest goes with the TrainJob)
+            await self.kube.delete(k.CONFIG_MAP, self.ns, f"{job_id}-code")
         if status.run_id:
             await asyncio.to_thread(self.registry.end_run, status.run_id, "KILLED")
         return await self.get(caller, job_id)
 
     # ------------------------------------------------------------------ logs
 
-    async def _read_logs(self, job_id: str, seen: dict[int, int]) -> tuple[list[LogLine], dict[int, int]]:
-        pods = await self._pods({objects.LABEL_JOB: job_id, objects.LABEL_KIND: objects.KIND_TRAINING})
-        by_rank: dict[int, dict[str, Any]] = {}
-        for pod in sorted(pods, key=lambda p: p["metadata"].get("creationTimestamp") or ""):
-            rank = pol.pod_rank(pod)
-            phase = (pod.get("status") or {}).get("phase")
-            if rank is not None and phase in ("Running", "Succeeded", "Failed"):
-                by_rank[rank] = pod
+    async def _read_logs(self, job_id: str, positions: dict[int, lc.RankPosition]
+                         ) -> tuple[list[LogLine], dict[int, lc.RankPosition]]:
+        """New lines of every rank since ``positions``, and the positions after them.
 
-        async def one(rank: int, pod: dict[str, Any]) -> tuple[int, list[str]]:
-            try:
-                text = await self.kube.pod_log(self.ns, pod["metadata"]["name"], limit_bytes=MAX_LOG_BYTES)
-            except k.KubeError:
-                return rank, []  # not started yet, or the node serves no logs
-            return rank, (text or "").splitlines()
+        A rank's pods are read oldest first: the pod the cursor names up to its
+        end, then each newer pod (a worker restarted by the Job's backoff) from
+        its first line, announced by a line saying so. A pod the cursor names
+        that is gone is followed by the rank's pods created since it.
+        """
+        pods = await self._pods({objects.LABEL_JOB: job_id, objects.LABEL_KIND: objects.KIND_TRAINING})
+        by_rank: dict[int, list[dict[str, Any]]] = {}
+        for pod in pods:
+            rank = pol.pod_rank(pod)
+            if rank is not None and (pod.get("status") or {}).get("phase") in ("Running", "Succeeded", "Failed"):
+                by_rank.setdefault(rank, []).append(pod)
+
+        def created(pod: dict[str, Any]) -> int:
+            return lc.created_seconds(pod["metadata"].get("creationTimestamp"))
+
+        async def rank_lines(rank: int, rank_pods: list[dict[str, Any]]
+                             ) -> tuple[int, list[str], lc.RankPosition | None]:
+            rank_pods.sort(key=lambda p: (created(p), p["metadata"].get("name", "")))
+            position = positions.get(rank)
+            queue, restarted = rank_pods, False
+            if position is not None:
+                uids = [lc.pod_key(p["metadata"].get("uid") or "") for p in rank_pods]
+                if position.uid in uids:
+                    queue = rank_pods[uids.index(position.uid):]
+                else:  # its pod is gone: the rank's pods created since are new
+                    queue = [p for p in rank_pods if created(p) >= position.created]
+                    restarted, position = True, None
+            out: list[str] = []
+            for i, pod in enumerate(queue):
+                meta = pod["metadata"]
+                if position is None or position.uid != lc.pod_key(meta.get("uid") or ""):
+                    if i > 0 or restarted:
+                        out.append(f"(worker restarted in a new pod, {meta.get('name')}; its log follows)")
+                    position = lc.RankPosition(lc.pod_key(meta.get("uid") or ""), created(pod))
+                final = (pod.get("status") or {}).get("phase") != "Running"
+                lines, position, done = await self._read_pod_log(meta["name"], position, final)
+                out += lines
+                if not done or i == len(queue) - 1:
+                    break
+            return rank, out, position
 
         lines: list[LogLine] = []
-        seen = dict(seen)
-        for rank, all_lines in await asyncio.gather(*(one(r, p) for r, p in by_rank.items())):
-            start = seen.get(rank, 0)
-            lines += [LogLine(rank, t) for t in all_lines[start:]]
-            seen[rank] = max(start, len(all_lines))
-        return lines, seen
+        after = dict(positions)
+        for rank, texts, position in await asyncio.gather(*(rank_lines(r, p) for r, p in by_rank.items())):
+            lines += [LogLine(rank, t) for t in texts]
+            if position is not None:
+                after[rank] = position
+        return lines, after
+
+    async def _read_pod_log(self, pod: str, position: lc.RankPosition, final: bool
+                            ) -> tuple[list[str], lc.RankPosition, bool]:
+        """One bounded read of ``pod``'s log from ``position``: (new lines, position after them, whether the
+        read reached the end of the log as it is now)."""
+        for limit in (position.reread + lc.CHUNK_BYTES, position.reread + lc.MAX_LINE_BYTES):
+            try:
+                raw = await self.kube.pod_log(self.ns, pod, limit_bytes=limit, since_time=position.since,
+                                              timestamps=True)
+            except k.KubeError:
+                return [], position, True  # not started yet, gone, or the node serves no logs
+            truncated = len(raw) >= limit
+            new, after = lc.advance(position, lc.stamped_lines(raw, final=final, truncated=truncated))
+            if new or not truncated:
+                return new, after, not truncated
+        new, after = lc.cut_line(raw, position, limit)
+        return new, after, False
 
     async def logs(self, caller: pol.Caller, job_id: str, cursor: str | None,
                    wait: float = 0.0) -> tuple[list[LogLine], str, JobState]:
         """Lines since ``cursor``; with ``wait`` > 0, long-poll until a line arrives or the job ends."""
-        seen = parse_cursor(cursor)
+        positions = lc.parse_cursor(cursor)
         await self._find(caller, job_id)
         deadline = time.monotonic() + max(0.0, min(wait, 30.0))
         while True:
-            lines, seen_now = await self._read_logs(job_id, seen)
+            lines, positions = await self._read_logs(job_id, positions)
             status = await self.get(caller, job_id)
             if lines or status.state.finished or time.monotonic() >= deadline:
-                return lines, format_cursor(seen_now), status.state
+                return lines, lc.format_cursor(positions), status.state
             await asyncio.sleep(0.5)

@@ -25,6 +25,7 @@ import subprocess
 import sys
 import time
 import urllib.parse
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -156,6 +157,7 @@ async def test_hub_ext_identity_does_its_work(applied, kube_cluster, kube_api, k
                                        image="ghcr.io/hubml/singleuser:0.1.0", code="print('hi')\n",
                                        workers=2).validate()
         await kube.create(objects.pytorch_job(pj_plan))
+        await kube.create(objects.train_job(replace(pj_plan, job_id="train-rbac3")))
 
         serve = objects.ServingPlan(name="iris", namespace=ns, username="alice", model="iris-clf@champion",
                                     model_name="iris-clf", version=1, storage_uri="mlflow-artifacts:/1/abc/artifacts/model",
@@ -167,7 +169,8 @@ async def test_hub_ext_identity_does_its_work(applied, kube_cluster, kube_api, k
         await kube.create(objects.scoring_hpa(serve, owner))
 
         # and it cleans up after itself
-        for res, name in ((k.JOB, plan.job_id), (k.PYTORCH_JOB, pj_plan.job_id), (k.INFERENCE_SERVICE, "iris"),
+        for res, name in ((k.JOB, plan.job_id), (k.PYTORCH_JOB, pj_plan.job_id), (k.TRAIN_JOB, "train-rbac3"),
+                          (k.INFERENCE_SERVICE, "iris"),
                           (k.DEPLOYMENT, "iris")):
             await kube.delete(res, ns, name, propagation="Background")
     finally:
@@ -195,7 +198,9 @@ HUB_EXT_DENIED = [
     ("create", "roles", "rbac.authorization.k8s.io", ""), ("create", "serviceaccounts", "", "token"),
     ("update", "resourcequotas", "", ""), ("delete", "persistentvolumeclaims", "", ""),
     ("create", "serviceaccounts", "", ""), ("update", "configmaps", "", ""),
-    ("create", "trainjobs", "trainer.kubeflow.org", ""),
+    # TrainJobs yes (training_flavour 'trainjob'), the runtimes that define their pods no
+    ("create", "trainingruntimes", "trainer.kubeflow.org", ""),
+    ("patch", "trainingruntimes", "trainer.kubeflow.org", ""),
 ]
 
 

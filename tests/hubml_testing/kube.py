@@ -63,6 +63,19 @@ No container runs: kwok plays the kubelet.
 Put the annotations on a Job's pod template to steer its pods; use
 ``outcome_annotations()`` to build them with validation.
 
+Container logs
+--------------
+kwok serves the kubelet API (containerLogs, with ``follow``) on one port of
+every loopback address, which every simulated node advertises as its
+``status.daemonEndpoints.kubeletEndpoint.Port``; so ``GET pods/<pod>/log``
+(``kubectl logs [-f]``, ``read_namespaced_pod_log``) works through the API
+server as on a real cluster. What a container "wrote" is a file the test
+names: ``kube_cluster.serve_logs(namespace, pod, path, container=None)``
+creates the kwok ``Logs`` object (and returns once kwok serves it);
+``append_container_log(path, lines, stream="stdout", partial=False)`` (from
+``hubml_testing.kube_cluster``) appends CRI-format records, also while the
+pod runs. A pod without such a file answers 400 "no logs found".
+
 Deleting a batch/v1 Job through the API orphans its pods unless the request
 says ``propagation_policy="Background"`` (or Foreground), as on any cluster.
 

@@ -7,7 +7,9 @@ scheduling, controllers, garbage collection), never a mock. This module runs
 etcd, kube-apiserver, kube-controller-manager, kube-scheduler and kwok on
 loopback from the binaries `dev/kube/build.sh` caches in
 ``~/.cache/hubml/kube-<version>/bin/``, creates the nodes of
-``dev/kube/topology.yaml`` and installs the CRDs of ``dev/kube/crds/``.
+``dev/kube/topology.yaml`` and installs the CRDs of ``dev/kube/crds/``
+(and kwok's Logs/ClusterLogs CRDs of ``dev/kube/kwok-crds/``: kwok serves
+container logs from files named in those objects, see ``serve_logs``).
 
 Used three ways:
 
@@ -63,6 +65,7 @@ VERSIONS_FILE = KUBE_DEV_DIR / "versions.env"
 TOPOLOGY_FILE = KUBE_DEV_DIR / "topology.yaml"
 STAGES_FILE = KUBE_DEV_DIR / "kwok-stages.yaml"
 CRD_DIR = KUBE_DEV_DIR / "crds"
+KWOK_CRD_DIR = KUBE_DEV_DIR / "kwok-crds"
 
 #: short name -> CRD object name (file dev/kube/crds/<object name>.yaml)
 CRDS: dict[str, str] = {
@@ -70,6 +73,19 @@ CRDS: dict[str, str] = {
     "trainjob": "trainjobs.trainer.kubeflow.org",
     "inferenceservice": "inferenceservices.serving.kserve.io",
 }
+
+#: kwok's own CRDs (dev/kube/kwok-crds/kwok.x-k8s.io_<file>.yaml -> CRD name), always installed:
+#: kwok watches them (--enable-crds) to learn which file holds which container's log
+KWOK_CRDS: dict[str, str] = {
+    "logs": "logs.kwok.x-k8s.io",
+    "clusterlogs": "clusterlogs.kwok.x-k8s.io",
+}
+#: the kinds kwok is told to watch (KwokConfiguration options.enableCRDs)
+KWOK_ENABLED_CRDS = ("Logs", "ClusterLogs")
+KWOK_API = "/apis/kwok.x-k8s.io/v1alpha1"
+
+#: the InternalIPs of the topology nodes (node_ip); kwok's serving certificate covers all of them
+NODE_NETWORK = "127.0.1.0/24"
 
 #: binaries the control plane needs (kubectl and helm are built too, for humans and chart checks)
 REQUIRED_BINARIES = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kwok")
@@ -201,12 +217,14 @@ def node_manifest(
     }
 
 
-def node_ip(index: int, network: str = "127.0.1.0/24") -> str:
+def node_ip(index: int, network: str = NODE_NETWORK) -> str:
     """The index-th host address of `network` (node InternalIPs, 127.0.1.1, 127.0.1.2 ...).
 
     Loopback addresses on purpose: the API server dials a node's InternalIP for
-    `pods/log` and `exec`, and a simulated node must never send it off this
-    machine (nor make it look a name up in DNS, hence InternalIP is preferred)."""
+    `pods/log` and `exec` (at the port of the node's
+    status.daemonEndpoints.kubeletEndpoint, which is kwok's server), and a
+    simulated node must never send it off this machine (nor make it look a name
+    up in DNS, hence InternalIP is preferred)."""
     return str(ipaddress.ip_network(network)[index + 1])
 
 
@@ -340,13 +358,103 @@ def kubeconfig_dict(
     }
 
 
+def kwok_configuration(port: int, cert_file: Path, key_file: Path) -> dict[str, Any]:
+    """kwok's options beyond the stages: its kubelet-like server and the CRDs it watches.
+
+    The server (containerLogs, exec, ...; what the API server proxies
+    ``pods/log`` to) listens on every address at `port`, because the API server
+    dials each simulated node at its own loopback InternalIP (127.0.1.x,
+    127.2.x.x) and one socket cannot listen on 127.0.0.0/8 alone; `nodePort`
+    makes kwok advertise that port as every node's
+    status.daemonEndpoints.kubeletEndpoint.Port. It serves HTTPS with a
+    certificate of the cluster CA valid for 127.0.0.1 and every address of
+    NODE_NETWORK. No profiling handler: nothing but logs is served from files.
+
+    kwok applies no defaults to a configuration read from a file (kwokctl writes
+    complete ones), so the rest of the options are kwok v0.8.0's defaults, spelled out.
+    """
+    if not 0 < port < 65536:
+        raise ValueError(f"kwok's server port must be in 1..65535, got {port!r}")
+    return {
+        "apiVersion": "config.kwok.x-k8s.io/v1alpha1",
+        "kind": "KwokConfiguration",
+        "metadata": {"name": "hubml-test"},
+        "options": {
+            "enableCRDs": list(KWOK_ENABLED_CRDS),
+            "serverAddress": f"0.0.0.0:{port}",
+            "nodePort": port,
+            "tlsCertFile": str(cert_file),
+            "tlsPrivateKeyFile": str(key_file),
+            "enableDebuggingHandlers": True,
+            "enableProfilingHandler": False,
+            "enableContentionProfiling": False,
+            # kwok's defaults (SetObjectDefaults_KwokConfiguration)
+            "manageAllNodes": False,
+            "podPlayStageParallelism": 4,
+            "nodePlayStageParallelism": 4,
+            "nodeLeaseParallelism": 4,
+            "podsOnNodeSyncParallelism": 1,
+            "enablePodsOnNodeSyncListPager": True,
+            "enablePodsOnNodeSyncStreamWatch": False,
+        },
+    }
+
+
+def cri_log_lines(lines: Iterable[str], stream: str = "stdout", partial: bool = False,
+                  at: datetime.datetime | None = None) -> str:
+    """`lines` in the CRI log format container runtimes write and the kubelet (and kwok) read back.
+
+    One record per line: ``<RFC3339Nano time> <stdout|stderr> <F|P> <text>``;
+    ``P`` marks a partial line (the runtime split it, or the process has not
+    written its newline yet): the reader hands out its text without a newline.
+    `partial` marks the last line so. Text must not contain a newline (a
+    carriage return is content, as runtimes split on newlines only).
+    """
+    if stream not in ("stdout", "stderr"):
+        raise ValueError(f"stream must be 'stdout' or 'stderr', got {stream!r}")
+    lines = list(lines)
+    bad = [t for t in lines if not isinstance(t, str) or "\n" in t]
+    if bad:
+        raise ValueError(f"log lines must be strings without newlines (one record each), got {bad[0]!r}")
+    at = at or datetime.datetime.now(datetime.timezone.utc)
+    stamp = at.astimezone(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f000Z")
+    out = []
+    for i, text in enumerate(lines):
+        tag = "P" if partial and i == len(lines) - 1 else "F"
+        out.append(f"{stamp} {stream} {tag} {text}\n")
+    return "".join(out)
+
+
+def append_container_log(path: Path | str, lines: Iterable[str], stream: str = "stdout",
+                         partial: bool = False) -> None:
+    """Append `lines` (CRI format, see cri_log_lines) to a log file kwok serves; one write,
+    so a reader never sees half a record."""
+    data = cri_log_lines(lines, stream, partial).encode()
+    with open(path, "ab") as f:
+        f.write(data)
+
+
+def logs_manifest(namespace: str, pod: str, entries: list[dict[str, Any]]) -> dict[str, Any]:
+    """A kwok ``Logs`` object: which file holds the log of which container of pod `namespace/pod`."""
+    for what, value in (("namespace", namespace), ("pod", pod)):
+        if not isinstance(value, str) or not re.fullmatch(r"[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?", value):
+            raise ValueError(f"{what} must be a Kubernetes object name, got {value!r}")
+    return {
+        "apiVersion": "kwok.x-k8s.io/v1alpha1",
+        "kind": "Logs",
+        "metadata": {"name": pod, "namespace": namespace},
+        "spec": {"logs": entries},
+    }
+
+
 # --------------------------------------------------------------------------
 # PKI (CA, API server serving cert, service-account signing key)
 # --------------------------------------------------------------------------
 
 
 def make_pki(directory: Path) -> None:
-    """Write ca.crt/ca.key, apiserver.crt/.key (SANs for loopback and the kubernetes service) and sa.key/sa.pub."""
+    """Write ca.crt/ca.key, apiserver.crt/.key (SANs for loopback and the kubernetes service),
+    kwok.crt/.key (kwok's kubelet-like server: 127.0.0.1 and every topology node address) and sa.key/sa.pub."""
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec, rsa
@@ -396,11 +504,31 @@ def make_pki(directory: Path) -> None:
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
         .sign(ca_key, hashes.SHA256())
     )
+    # kwok's server answers for every simulated node; a CA-signed certificate naming
+    # their addresses keeps `pods/log` working if the API server is told to verify
+    # kubelets (--kubelet-certificate-authority), as real clusters may be
+    kwok_key = ec.generate_private_key(ec.SECP256R1())
+    kwok_sans: list[x509.GeneralName] = [x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")]
+    kwok_sans += [x509.IPAddress(ip) for ip in ipaddress.ip_network(NODE_NETWORK).hosts()]
+    kwok_cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "kwok-kubelet")]))
+        .issuer_name(ca_name)
+        .public_key(kwok_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now)
+        .not_valid_after(later)
+        .add_extension(x509.SubjectAlternativeName(kwok_sans), critical=False)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
     sa_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     (directory / "ca.crt").write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
     (directory / "ca.key").write_bytes(pem_key(ca_key))
     (directory / "apiserver.crt").write_bytes(srv_cert.public_bytes(serialization.Encoding.PEM))
     (directory / "apiserver.key").write_bytes(pem_key(srv_key))
+    (directory / "kwok.crt").write_bytes(kwok_cert.public_bytes(serialization.Encoding.PEM))
+    (directory / "kwok.key").write_bytes(pem_key(kwok_key))
     (directory / "sa.key").write_bytes(
         sa_key.private_bytes(
             serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL, serialization.NoEncryption()
@@ -409,7 +537,7 @@ def make_pki(directory: Path) -> None:
     (directory / "sa.pub").write_bytes(
         sa_key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
     )
-    for key_file in ("ca.key", "apiserver.key", "sa.key"):
+    for key_file in ("ca.key", "apiserver.key", "kwok.key", "sa.key"):
         os.chmod(directory / key_file, 0o600)
 
 
@@ -474,9 +602,9 @@ class Rest:
 # --------------------------------------------------------------------------
 
 
-def free_port() -> int:
+def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((host, 0))
         return s.getsockname()[1]
 
 
@@ -521,6 +649,7 @@ class KubeCluster:
     pids: dict[str, int] = field(default_factory=dict)
     binaries: dict[str, str] = field(default_factory=dict)
     crds: list[str] = field(default_factory=list)
+    kwok_port: int | None = None  # kwok's kubelet-like server (every node's kubeletEndpoint port)
     owned: bool = True  # False when reusing a cluster someone else started (HUBML_KUBECONFIG)
     _procs: dict[str, subprocess.Popen] = field(default_factory=dict, repr=False)
 
@@ -560,6 +689,7 @@ class KubeCluster:
             "pids": self.pids,
             "binaries": self.binaries,
             "crds": self.crds,
+            "kwok_port": self.kwok_port,
         }
         tmp = self.state_dir / (STATE_FILE + ".tmp")
         tmp.write_text(json.dumps(state, indent=2))
@@ -580,6 +710,7 @@ class KubeCluster:
             pids={k: int(v) for k, v in state["pids"].items()},
             binaries=state.get("binaries", {}),
             crds=list(state.get("crds", [])),
+            kwok_port=state.get("kwok_port"),
         )
 
     @classmethod
@@ -605,8 +736,10 @@ class KubeCluster:
             ca_file = Path(tempfile.mkdtemp(prefix="hubml-kube-ca-")) / "ca.crt"
             ca_file.write_bytes(ca_pem)
         crds: list[str] = []
+        kwok_port = None
         with contextlib.suppress(KubeHarnessError, OSError):
-            crds = KubeCluster.load(state_dir).crds
+            saved = KubeCluster.load(state_dir)
+            crds, kwok_port = saved.crds, saved.kwok_port
         return cls(
             state_dir=state_dir,
             server=clus["server"],
@@ -614,6 +747,7 @@ class KubeCluster:
             ca_file=ca_file,
             kubeconfig=Path(path),
             crds=crds,
+            kwok_port=kwok_port,
             owned=False,
         )
 
@@ -631,6 +765,73 @@ class KubeCluster:
         stop_processes(self.pids, self.binaries, self._procs, timeout)
         self.pids.clear()
         shutil.rmtree(self.state_dir, ignore_errors=True)
+
+    # ---- container logs (kwok Logs objects) ----------------------------
+    def serve_logs(self, namespace: str, pod: str, path: Path | str, *, container: str | None = None,
+                   timeout: float = 30.0) -> Path:
+        """Make `path` the log of `container` (every container when None) of pod `namespace/pod`.
+
+        Why: no container runs on a simulated node, so nothing writes logs; kwok
+        reads them from a file named in a ``Logs`` object (kwok.x-k8s.io) and
+        serves them on its kubelet API, which is where the API server proxies
+        ``GET pods/<pod>/log`` (``kubectl logs``, with ``follow`` too). The file
+        must hold CRI-format records: write it with ``append_container_log``;
+        it is created empty when missing, and may be appended to while pods run.
+        The pod need not exist yet (kwok matches the object by namespace and
+        name). Returns once kwok serves the file (``KubeHarnessError`` after
+        `timeout` s); a second call for another container of the same pod adds
+        to the same object. The object goes away with its namespace.
+        """
+        path = Path(path).resolve()
+        if path.is_dir():
+            raise ValueError(f"{path} is a directory; serve_logs needs a log file (CRI format)")
+        if container is not None and not re.fullmatch(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?", container):
+            raise ValueError(f"container must be a container name (DNS label), got {container!r}")
+        entry: dict[str, Any] = {"logsFile": str(path), "follow": True}
+        if container is not None:
+            entry["containers"] = [container]
+        obj = logs_manifest(namespace, pod, [entry])  # checks the names before anything exists
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.touch()
+        rest = self.rest
+        url = f"{KWOK_API}/namespaces/{namespace}/logs"
+        status, existing = rest.request("GET", f"{url}/{pod}")
+        if status == 200:
+            keep = [e for e in existing["spec"].get("logs") or [] if e.get("containers") != entry.get("containers")]
+            obj["spec"]["logs"] = [entry, *keep]
+            obj["metadata"]["resourceVersion"] = existing["metadata"]["resourceVersion"]
+            rest.must("PUT", f"{url}/{pod}", obj)
+        else:
+            rest.must("POST", url, obj)
+        self._wait_kwok_serves(namespace, pod, container or "any", path, timeout)
+        return path
+
+    def _wait_kwok_serves(self, namespace: str, pod: str, container: str, path: Path, timeout: float) -> None:
+        """Poll kwok's own server until its watch of Logs objects has caught up (it answers 200)."""
+        if self.kwok_port is None:  # attached to a cluster that did not record its kwok port
+            return
+        ctx = ssl.create_default_context(cafile=str(self.ca_file))
+        deadline = time.monotonic() + timeout
+        last = ""
+        while True:
+            conn = http.client.HTTPSConnection("127.0.0.1", self.kwok_port, timeout=5, context=ctx)
+            try:
+                conn.request("GET", f"/containerLogs/{namespace}/{pod}/{container}?limitBytes=1")
+                resp = conn.getresponse()
+                last = f"{resp.status} {resp.read()[:300].decode(errors='replace')}"
+                if resp.status == 200:
+                    return
+            except (OSError, http.client.HTTPException) as exc:
+                last = repr(exc)
+            finally:
+                conn.close()
+            if time.monotonic() > deadline:
+                raise KubeHarnessError(
+                    f"kwok did not serve {path} as the log of {namespace}/{pod} within {timeout:.0f} s "
+                    f"(last answer: {last}); see kwok.log in {self.state_dir / 'logs'}"
+                )
+            time.sleep(0.05)
 
     # ---- CRDs ---------------------------------------------------------
     def install_crds(self, names: Iterable[str]) -> None:
@@ -698,29 +899,40 @@ def install_crds(rest: Rest, names: Iterable[str], timeout: float = 30.0) -> Non
     """Create (or replace) the CRDs and wait until the API server serves them."""
     names = list(names)
     _check_crd_names(names)
+    install_crd_files(rest, {CRDS[short]: CRD_DIR / f"{CRDS[short]}.yaml" for short in names}, timeout)
+
+
+def install_kwok_crds(rest: Rest, timeout: float = 30.0) -> None:
+    """Install kwok's Logs and ClusterLogs CRDs (dev/kube/kwok-crds/), which kwok watches."""
+    install_crd_files(rest, {crd: KWOK_CRD_DIR / f"kwok.x-k8s.io_{file}.yaml" for file, crd in KWOK_CRDS.items()},
+                      timeout)
+
+
+def install_crd_files(rest: Rest, files: Mapping[str, Path], timeout: float = 30.0) -> None:
+    """Create (or replace) the CRDs {object name: file} and wait until the API server serves them."""
     base = "/apis/apiextensions.k8s.io/v1/customresourcedefinitions"
-    for short in names:
-        crd = yaml.safe_load((CRD_DIR / f"{CRDS[short]}.yaml").read_text())
-        status, existing = rest.request("GET", f"{base}/{CRDS[short]}")
+    for name, path in files.items():
+        crd = yaml.safe_load(path.read_text())
+        status, existing = rest.request("GET", f"{base}/{name}")
         if status == 200:
             if existing["metadata"].get("deletionTimestamp"):
-                _wait_gone(rest, f"{base}/{CRDS[short]}", timeout)
+                _wait_gone(rest, f"{base}/{name}", timeout)
             else:
                 crd["metadata"]["resourceVersion"] = existing["metadata"]["resourceVersion"]
-                rest.must("PUT", f"{base}/{CRDS[short]}", crd)
+                rest.must("PUT", f"{base}/{name}", crd)
                 continue
         rest.must("POST", base, crd)
     deadline = time.monotonic() + timeout
-    for short in names:
+    for name in files:
         while True:
-            crd = rest.must("GET", f"{base}/{CRDS[short]}")
+            crd = rest.must("GET", f"{base}/{name}")
             conds = {c["type"]: c["status"] for c in (crd.get("status") or {}).get("conditions") or []}
             if conds.get("Established") == "True":
                 break
             if conds.get("NamesAccepted") == "False":
-                raise KubeHarnessError(f"CRD {CRDS[short]} names not accepted: {crd['status']}")
+                raise KubeHarnessError(f"CRD {name} names not accepted: {crd['status']}")
             if time.monotonic() > deadline:
-                raise KubeHarnessError(f"CRD {CRDS[short]} not Established after {timeout} s: {conds}")
+                raise KubeHarnessError(f"CRD {name} not Established after {timeout} s: {conds}")
             time.sleep(0.1)
         # discovery must list the resource before clients can use it
         group, version = crd["spec"]["group"], crd["spec"]["versions"][0]["name"]
@@ -814,7 +1026,8 @@ def start_cluster(
         f'{tokens["kwok"]},kwok-controller,uid-kwok,"system:masters"\n'
     )
     os.chmod(pki / "tokens.csv", 0o600)
-    ports = {n: free_port() for n in ("etcd", "etcd-peer", "apiserver", "kcm", "sched", "kwok")}
+    ports = {n: free_port() for n in ("etcd", "etcd-peer", "apiserver", "kcm", "sched")}
+    ports["kwok"] = free_port("0.0.0.0")  # kwok listens on every address (see kwok_configuration)
     server = f"https://127.0.0.1:{ports['apiserver']}"
     ca_pem = (pki / "ca.crt").read_bytes()
     kubeconfigs = {}
@@ -832,7 +1045,10 @@ def start_cluster(
         ca_file=pki / "ca.crt",
         kubeconfig=kubeconfigs["admin"],
         binaries={k: str(v) for k, v in binaries.items()},
+        kwok_port=ports["kwok"],
     )
+    kwok_config = state_dir / "kwok.yaml"
+    kwok_config.write_text(yaml.safe_dump(kwok_configuration(ports["kwok"], pki / "kwok.crt", pki / "kwok.key")))
 
     def spawn(name: str, argv: list[str]) -> None:
         logf = open(logs / f"{name}.log", "ab")
@@ -927,6 +1143,17 @@ def start_cluster(
         ])
         wait("kube-apiserver /readyz", cluster.is_healthy, deadline)
         say(f"kube-apiserver ready after {time.monotonic() - t0:.1f} s")
+        # kwok watches its Logs/ClusterLogs objects from the start: their CRDs come first
+        kwok_crd_errors: list[BaseException] = []
+
+        def kwok_crd_job() -> None:
+            try:
+                install_kwok_crds(cluster.rest, timeout=max(5.0, deadline - time.monotonic()))
+            except BaseException as exc:  # re-raised in the main thread below
+                kwok_crd_errors.append(exc)
+
+        kwok_crd_thread = threading.Thread(target=kwok_crd_job, name="hubml-kube-kwok-crds", daemon=True)
+        kwok_crd_thread.start()
 
         spawn("kube-controller-manager", [
             f"--kubeconfig={kubeconfigs['controller-manager']}",
@@ -958,12 +1185,18 @@ def start_cluster(
             "--kube-api-burst=1000",
             f"--cert-dir={state_dir / 'sched-certs'}",
         ])
+        kwok_crd_thread.join(max(1.0, deadline - time.monotonic()))
+        if kwok_crd_thread.is_alive():
+            raise KubeHarnessError(f"kwok's CRDs not established within {timeout:.0f} s")
+        if kwok_crd_errors:
+            raise kwok_crd_errors[0]
+        say(f"kwok CRDs established after {time.monotonic() - t0:.1f} s")
         spawn("kwok", [
             f"--kubeconfig={kubeconfigs['kwok']}",
             f"--config={STAGES_FILE}",
+            f"--config={kwok_config}",
             f"--manage-nodes-with-annotation-selector={KWOK_NODE_ANNOTATION[0]}={KWOK_NODE_ANNOTATION[1]}",
             "--node-lease-duration-seconds=40",
-            f"--server-address=127.0.0.1:{ports['kwok']}",
             "--cidr=10.244.0.1/16",
             "--node-ip=127.0.1.1",
         ])
@@ -1014,6 +1247,17 @@ def start_cluster(
             wait("simulated nodes Ready and untainted (kwok + node lifecycle controller)",
                  lambda: _nodes_schedulable(rest, want), deadline)
         say(f"nodes ready after {time.monotonic() - t0:.1f} s")
+        kwok_ctx = ssl.create_default_context(cafile=str(pki / "ca.crt"))
+
+        def kwok_server_ok() -> bool:
+            conn = http.client.HTTPSConnection("127.0.0.1", ports["kwok"], timeout=2, context=kwok_ctx)
+            try:
+                conn.request("GET", "/healthz")
+                return conn.getresponse().status == 200
+            finally:
+                conn.close()
+
+        wait("kwok's server /healthz (HTTPS, cluster CA)", kwok_server_ok, deadline)
         if crds:
             crd_thread.join(max(1.0, deadline - time.monotonic()))
             if crd_thread.is_alive():
