@@ -184,10 +184,12 @@ class Replay:
         self.lost: set[int] = set()  # culled: state lost until the next block
         self.held = self.wasted = 0
         self.false_culls: list[tuple[str, float]] = []
+        self.cull_times: list[tuple[str, float]] = []  # every cull: user, when the hub stopped it
         self.culls = 0
         self.fleet_state: dict[int, tuple] = {}
         self.verbose = False
         self.activity_log: dict[int, list[tuple[float, int]]] = {}  # (real time delivered, trace minute)
+        self.sends: dict[int, list[tuple[int, float, float]]] = {}  # (minute, server PUT sent, hub POST sent)
         self.lag: list[float] = []  # trace minutes from an interaction to the hub having it
         self.own_stops: dict[str, int] = {}  # stops the replay asked for (the user ends the day)
         self.locks: dict[int, asyncio.Lock] = {}
@@ -216,12 +218,15 @@ class Replay:
         now = datetime.now(timezone.utc).isoformat()
         if touch:
             self.touch[u] = now
+        put_sent = time.time()
         await self.put_fleet(u)
+        post_sent = time.time()
         await self.call("POST", f"{self.base}/users/{self.users[u]}/activity",
                         {"last_activity": now, "servers": {"": {"last_activity": now}}})
         done = time.time()
         if touch:
             self.activity_log.setdefault(u, []).append((done, minute))
+            self.sends.setdefault(u, []).append((minute, put_sent, post_sent))
             self.lag.append(self.trace_minute(done) - minute)
 
     async def put_fleet(self, u: int) -> None:
@@ -276,6 +281,7 @@ class Replay:
                 self.running.discard(u)
                 self.lost.add(u)
                 self.culls += 1
+                self.cull_times.append((name, t))
                 m = min(max(int(self.trace_minute(t)), 0), WEEK_MIN - 1)
                 # minutes after the stop were counted as held before this poll saw it
                 for mm in range(m + 1, self.held_until.get(u, -1) + 1):
@@ -304,17 +310,53 @@ class Replay:
               f"{self.intents[u][ms]!r} since minute {back}; last activity delivered before the stop at "
               f"{before}; deliveries since the return (delivered at, for minute) {delivered}", file=sys.stderr)
 
-    def explain_culls(self, culls: list[dict]) -> None:
-        """For each false cull, what the culler believed when it sent the stop."""
+    def classify(self, culls: list[dict], reads_server: bool) -> int:
+        """How many false culls raced the return: the culler's last read
+        before its DELETE was answered before the user's first action of
+        that return was even sent (to the server for a culler that reads the
+        server last, to the hub for one that reads only the hub). Such a stop
+        was right on every byte the culler could have seen; what made it
+        false is the hub's own stop latency (tens of ms here, trace-minutes
+        at 3,600x). The others were decided on data that already showed the
+        user back."""
+        raced = 0
         for name, t in self.false_culls:
-            mine = [c for c in culls if c["user"] == name and c["sent_by"] >= t - 1e-3][:1]
-            for c in mine:
-                idle = "?" if c["idle_since"] is None else f"{self.trace_minute(c['idle_since']):.2f}"
-                at = {k: f"{self.trace_minute(c[k]):.2f}" for k in ("read", "sent") if c.get(k)}
-                print(f"  {name}: the pass of trace minute {self.trace_minute(c['pass']):.2f} culled it "
-                      f"({c['reason']}), idle since trace minute {idle} by the re-check; its last read of "
-                      f"the server answered at {at.get('read', '?')}, the DELETE was sent at "
-                      f"{at.get('sent', '?')}", file=sys.stderr)
+            u = self.users.index(name)
+            mine = [c for c in culls if c["user"] == name and c.get("sent") and c["sent"] <= t + 1e-3]
+            if not mine or not mine[-1].get("read"):
+                continue
+            c = mine[-1]
+            back = int(self.trace_minute(t))
+            while back > 0 and working(self.intents[u][back - 1]):
+                back -= 1
+            first = [x for x in self.sends.get(u, []) if x[0] >= back][:1]
+            sent = (first[0][1] if reads_server else first[0][2]) if first else None
+            is_race = sent is not None and sent > c["read"]
+            raced += is_race
+            if self.verbose:
+                print(f"  {name}: the culler's last read answered at trace minute {self.trace_minute(c['read']):.2f}, "
+                      f"its DELETE sent at {self.trace_minute(c['sent']):.2f}, the hub stopped the server at "
+                      f"{self.trace_minute(t):.2f}; the user's first action since minute {back} was sent to the "
+                      f"{'server' if reads_server else 'hub'} at "
+                      f"{'never' if sent is None else f'{self.trace_minute(sent):.2f}'}: "
+                      f"{'raced the return' if is_race else 'decided on data showing the user back'}",
+                      file=sys.stderr)
+        return raced
+
+    def read_to_stop(self, culls: list[dict]) -> dict:
+        """Over every cull: from the culler's last read before its DELETE to
+        the hub stopping the server (ms), the window in which a returning
+        user is culled all the same."""
+        gaps = []
+        for name, t in self.cull_times:
+            mine = [c for c in culls if c["user"] == name and c.get("sent") and c["sent"] <= t + 1e-3]
+            if mine and mine[-1].get("read"):
+                gaps.append((t - mine[-1]["read"]) * 1000)
+        gaps.sort()
+        if not gaps:
+            return {}
+        return {"median": round(gaps[len(gaps) // 2], 1), "p90": round(gaps[int(len(gaps) * 0.9)], 1),
+                "max": round(gaps[-1], 1)}
 
     async def run(self) -> dict:
         self.touch: dict[int, str] = {}
@@ -501,7 +543,38 @@ def culler_process(kind: str, api_url: str, hub_url: str, token: str, sph: float
             loop = idle_culler_loop(api_url, token, sph)
         await loop(stop)
 
+    if kind != "hubml":
+        culls = record_idle_culler_requests()
     asyncio.run(main())
+    if kind != "hubml" and cull_log_path:
+        Path(cull_log_path).write_text(json.dumps(culls))
+
+
+def record_idle_culler_requests() -> list[dict]:
+    """Note when jupyterhub-idle-culler's user lists were answered and its
+    stops sent (by wrapping tornado's fetch, which it uses): each stop with the
+    last list answered before it, the data it was decided on."""
+    import re
+
+    from tornado.httpclient import AsyncHTTPClient
+
+    culls: list[dict] = []
+    lists: list[float] = []
+    real_fetch = AsyncHTTPClient.fetch
+
+    async def fetch(self, request, *args, **kwargs):
+        method = getattr(request, "method", kwargs.get("method", "GET"))
+        url = getattr(request, "url", request)
+        stop = re.search(r"/users/([^/?]+)/server$", url) if method == "DELETE" else None
+        if stop:
+            culls.append({"user": stop.group(1), "sent": time.time(), "read": lists[-1] if lists else None})
+        response = await real_fetch(self, request, *args, **kwargs)
+        if method == "GET" and re.search(r"/users(\?|$)", url):
+            lists.append(time.time())
+        return response
+
+    AsyncHTTPClient.fetch = fetch
+    return culls
 
 
 def above_other_load() -> None:
@@ -561,8 +634,10 @@ def main() -> None:
             finally:
                 stop_event.set()
                 proc.join(60)
-            if args.verbose and name == "hubml" and (env.tmp / "culls.json").exists():
-                replay.explain_culls(json.loads((env.tmp / "culls.json").read_text()))
+            culls_file = env.tmp / "culls.json"
+            culls = json.loads(culls_file.read_text()) if culls_file.exists() else []
+            results[name]["false_culls_racing_the_return"] = replay.classify(culls, reads_server=name == "hubml")
+            results[name]["last_read_to_stop_ms"] = replay.read_to_stop(culls)
             print(name, json.dumps(results[name]), flush=True)
         finally:
             if proc is not None and proc.is_alive():
