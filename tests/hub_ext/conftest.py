@@ -7,6 +7,7 @@ test control plane and an MLflow server; ``hub_service`` is its module fixture.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import secrets
@@ -23,7 +24,7 @@ import pytest
 
 from hubml.profiles import load_catalogue
 from hubml_testing.jupyterhub import RunningHub, start_hub
-from hubml_testing.kube import service_account_kubeconfig
+from hubml_testing.kube import service_account_kubeconfig, wait_for
 from hubml_testing.ports import free_port, wait_http
 
 PROFILES = [
@@ -235,12 +236,39 @@ async def hub_service(kube_cluster, mlflow_server, tmp_path_factory):
     Users: alice (group ml-team), bob, carol; ``tokens``: alice, bob, carol (all hubml
     scopes), ``alice-noscope`` (alice without hubml scopes).
     """
-    tmp = tmp_path_factory.mktemp("hubsvc")
+    async for svc in running_stack(kube_cluster, mlflow_server, tmp_path_factory.mktemp("hubsvc")):
+        yield svc
+
+
+async def wait_job_state(svc: HubService, job_id: str, state: str, user: str = "alice") -> dict:
+    """Poll the service's job view (as the notebook does) until the job reads ``state``."""
+    async def reached():
+        status, body = await asyncio.to_thread(svc.call, "GET", f"/jobs/{job_id}", user=user)
+        assert status == 200, body
+        return body if body["state"] == state else None
+
+    return await wait_for(reached, timeout=60, what=f"job {job_id} {state}")
+
+
+async def running_stack(kube_cluster, mlflow_server, tmp: Path, **start: Any):
+    """The body of a module-scoped stack fixture: start (a start failure fails
+    the test with its reason), hand it over, stop it whatever happened."""
     try:
-        svc = await start_stack(kube_cluster, mlflow_server.url, tmp)
+        svc = await start_stack(kube_cluster, mlflow_server.url, tmp, **start)
     except RuntimeError as e:
         pytest.fail(str(e), pytrace=False)
     try:
         yield svc
     finally:
         await stop_stack(svc)
+
+
+def assert_only_owner_sees(svc: HubService, job_id: str, other: str = "bob") -> None:
+    """Another user's token gets 403 on every route of the job and no trace of it in their list."""
+    for method, path in (("GET", f"/jobs/{job_id}"), ("POST", f"/jobs/{job_id}/cancel"),
+                         ("GET", f"/jobs/{job_id}/logs")):
+        status, body = svc.call(method, path, user=other)
+        assert status == 403, (path, body)
+    status, jobs = svc.call("GET", "/jobs", user=other)
+    assert status == 200 and job_id not in {j["id"] for j in jobs}
+

@@ -18,7 +18,7 @@ from hubml.hub_ext import objects
 from hubml_testing.kube import set_pod_outcome, wait_for
 from hubml_testing.kube_cluster import append_container_log
 
-from .conftest import start_stack, stop_stack
+from .conftest import running_stack
 from .test_hub_logs import CODE, LogReader, _running_pods
 
 pytestmark = [pytest.mark.kube, pytest.mark.hub, pytest.mark.slow]
@@ -26,16 +26,9 @@ pytestmark = [pytest.mark.kube, pytest.mark.hub, pytest.mark.slow]
 
 @pytest.fixture(scope="module")
 async def retrying_service(kube_cluster, mlflow_server, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("hubsvc-retry")
-    try:
-        svc = await start_stack(kube_cluster, mlflow_server.url, tmp, users=["alice", "bob"],
-                                extra_config="c.HubMLService.backoff_limit = 2")
-    except RuntimeError as e:
-        pytest.fail(str(e), pytrace=False)
-    try:
+    async for svc in running_stack(kube_cluster, mlflow_server, tmp_path_factory.mktemp("hubsvc-retry"),
+                                   users=["alice", "bob"], extra_config="c.HubMLService.backoff_limit = 2"):
         yield svc
-    finally:
-        await stop_stack(svc)
 
 
 async def _rank_pods(svc: Any, job_id: str, rank: int) -> list[dict[str, Any]]:

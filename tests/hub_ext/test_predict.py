@@ -17,7 +17,6 @@ checked as a pure function (no MLServer here).
 from __future__ import annotations
 
 import asyncio
-import json
 import math
 from pathlib import Path
 from typing import Any

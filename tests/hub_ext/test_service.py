@@ -11,6 +11,8 @@ from hubml.hub_ext import kube as k
 from hubml.hub_ext import objects
 from hubml_testing.kube import set_pod_outcome, wait_for
 
+from .conftest import assert_only_owner_sees, wait_job_state
+
 pytestmark = [pytest.mark.kube, pytest.mark.hub, pytest.mark.slow]
 
 CODE = "import torch.distributed as dist\nprint('hello from a worker')\n"
@@ -26,15 +28,6 @@ async def _wait_running(svc, job_id, workers):
         return pods if len(pods) == workers and all(p["status"].get("phase") == "Running" for p in pods) else None
 
     return await wait_for(ready, timeout=60, what=f"{workers} Running pods of {job_id}")
-
-
-async def _wait_state(svc, job_id, state, user="alice"):
-    async def reached():
-        status, body = await asyncio.to_thread(svc.call, "GET", f"/jobs/{job_id}", user=user)
-        assert status == 200, body
-        return body if body["state"] == state else None
-
-    return await wait_for(reached, timeout=60, what=f"job {job_id} {state}")
 
 
 async def test_openapi_document_matches_routes(hub_service):
@@ -134,15 +127,10 @@ async def test_job_lifecycle_failure_and_isolation(hub_service):
     pods = await _wait_running(svc, job_id, 3)
     assert sorted(p["spec"]["hostname"] for p in pods) == [f"{job_id}-{i}" for i in range(3)]
     assert all(p["spec"]["subdomain"] == job_id for p in pods)
-    await _wait_state(svc, job_id, "running")
+    await wait_job_state(svc, job_id, "running")
 
     # another user sees nothing of it
-    for method, path in (("GET", f"/jobs/{job_id}"), ("POST", f"/jobs/{job_id}/cancel"),
-                         ("GET", f"/jobs/{job_id}/logs")):
-        status, body = svc.call(method, path, user="bob")
-        assert status == 403, (path, body)
-    status, bob_jobs = svc.call("GET", "/jobs", user="bob")
-    assert status == 200 and job_id not in {j["id"] for j in bob_jobs}
+    assert_only_owner_sees(svc, job_id)
     status, metrics = svc.call("GET", f"/runs/{job['run_id']}/metrics", user="bob")
     assert status == 403
     status, metrics = svc.call("GET", f"/runs/{job['run_id']}/metrics", user="alice")
@@ -159,7 +147,7 @@ async def test_job_lifecycle_failure_and_isolation(hub_service):
     # worker 1 fails: the job fails, naming the rank and exit code
     rank1 = next(p for p in pods if p["metadata"]["labels"][objects.COMPLETION_INDEX_LABEL] == "1")
     await set_pod_outcome(svc.api, svc.namespace, rank1["metadata"]["name"], "fail", exit_code=3)
-    failed = await _wait_state(svc, job_id, "failed")
+    failed = await wait_job_state(svc, job_id, "failed")
     assert failed["failed_rank"] == 1 and failed["exit_code"] == 3
     assert "Worker 1 exited with code 3" in failed["message"]
     status, again = svc.call("POST", f"/jobs/{job_id}/cancel")
@@ -209,12 +197,12 @@ async def test_train_magic_from_a_kernel_on_the_hub_backend(hub_service, kernel_
     kjob = await svc.kube.get(k.JOB, svc.namespace, job_id)
     assert kjob["spec"]["completions"] == 2
     pods = await _wait_running(svc, job_id, 2)
-    await _wait_state(svc, job_id, "running")
+    await wait_job_state(svc, job_id, "running")
     res = await asyncio.to_thread(kernel.run_ok, f"%train_status {job_id}")
     assert "running" in res.text
     for pod in pods:
         await set_pod_outcome(svc.api, svc.namespace, pod["metadata"]["name"], "succeed")
-    await _wait_state(svc, job_id, "succeeded")
+    await wait_job_state(svc, job_id, "succeeded")
     res = await asyncio.to_thread(kernel.run_ok, f"%train_status {job_id}")
     assert "succeeded" in res.text
     res = await asyncio.to_thread(kernel.run_ok, "%jobs")

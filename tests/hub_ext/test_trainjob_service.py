@@ -10,12 +10,10 @@ carry ``jobset.sigs.k8s.io/jobset-name`` (kwok runs them).
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import os
 import subprocess
 import sys
 from datetime import datetime, timezone
-from pathlib import Path
 
 import pytest
 
@@ -27,18 +25,14 @@ from hubml.profiles import load_catalogue
 from hubml_testing.kube import set_pod_outcome, wait_for
 from hubml_testing.kube_cluster import append_container_log
 
+from .conftest import assert_only_owner_sees, running_stack, wait_job_state
+from .test_trainjob_objects import PINNED_PROFILES
+
 pytestmark = [pytest.mark.kube, pytest.mark.hub, pytest.mark.slow]
 
 CODE = "import torch.distributed as dist\nprint('hello from a TrainJob worker')\n"
 
-PROFILES = [
-    {"name": "cpu", "display": "CPU", "cpu": 1, "memory": "1G", "default": True},
-    {"name": "a100", "display": "2 x A100", "gpu": {"model": "A100-SXM4-80GB", "count": 2}, "cpu": 4,
-     "memory": "8G", "node_selector": {"nvidia.com/gpu.product": "NVIDIA-A100-SXM4-80GB"}},
-    {"name": "mig-small", "display": "A100 MIG 1g.10gb", "gpu": {"model": "A100-SXM4-80GB", "mig": "1g.10gb"},
-     "cpu": 1, "memory": "2G", "node_selector": {"nvidia.com/gpu.product": "NVIDIA-A100-SXM4-80GB"}},
-    {"name": "a100-unpinned", "display": "A100 by affinity", "gpu": {"model": "A100-SXM4-80GB", "count": 1}},
-]
+PROFILES = PINNED_PROFILES  # the same catalogue as the builder tests
 
 EXTRA_CONFIG = "\n".join([
     "c.HubMLService.training_flavour = 'trainjob'",
@@ -49,29 +43,11 @@ EXTRA_CONFIG = "\n".join([
 ])
 
 
-def _stack():
-    """``start_stack``/``stop_stack`` of this folder's conftest (loaded as bench/hub_ext_common.py does:
-    pytest's importlib mode gives conftest modules no importable name)."""
-    name = "hubml_tests_hub_ext_stack"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("conftest.py"))
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module  # dataclasses look their module up while the class is built
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
 @pytest.fixture(scope="module")
 async def trainjob_service(kube_cluster, mlflow_server, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("hubsvc-trainjob")
-    try:
-        svc = await _stack().start_stack(kube_cluster, mlflow_server.url, tmp, extra_config=EXTRA_CONFIG)
-    except RuntimeError as e:
-        pytest.fail(str(e), pytrace=False)
-    try:
+    async for svc in running_stack(kube_cluster, mlflow_server, tmp_path_factory.mktemp("hubsvc-trainjob"),
+                                   extra_config=EXTRA_CONFIG):
         yield svc
-    finally:
-        await _stack().stop_stack(svc)
 
 
 def _now() -> str:
@@ -86,15 +62,6 @@ async def _set_status(svc, job_id: str, status: dict) -> None:
 
 def _condition(kind: str, reason: str, message: str, status: str = "True") -> dict:
     return {"type": kind, "status": status, "reason": reason, "message": message, "lastTransitionTime": _now()}
-
-
-async def _state(svc, job_id, state, user="alice"):
-    async def reached():
-        status, body = await asyncio.to_thread(svc.call, "GET", f"/jobs/{job_id}", user=user)
-        assert status == 200, body
-        return body if body["state"] == state else None
-
-    return await wait_for(reached, timeout=60, what=f"job {job_id} {state}")
 
 
 async def _gone(svc, res, name):
@@ -148,23 +115,18 @@ async def test_trainjob_accepted_with_shape_status_and_isolation(trainjob_servic
     # listed for its owner only; another user's token gets 403 everywhere
     status, listed = svc.call("GET", "/jobs")
     assert status == 200 and {j["id"]: j["state"] for j in listed}[job_id] == "pending"
-    for method, path in (("GET", f"/jobs/{job_id}"), ("POST", f"/jobs/{job_id}/cancel"),
-                         ("GET", f"/jobs/{job_id}/logs")):
-        status, body = svc.call(method, path, user="bob")
-        assert status == 403, (path, body)
-    status, bob_jobs = svc.call("GET", "/jobs", user="bob")
-    assert status == 200 and job_id not in {j["id"] for j in bob_jobs}
+    assert_only_owner_sees(svc, job_id)
     assert (await svc.kube.get(k.TRAIN_JOB, svc.namespace, job_id))["spec"].get("suspend") is False
 
     # the Trainer reports its node Job ready: running; then Complete: succeeded
     await _set_status(svc, job_id, {"jobsStatus": [{"name": "node", "ready": 1, "active": 1, "succeeded": 0,
                                                     "failed": 0, "suspended": 0}]})
-    running = await _state(svc, job_id, "running")
+    running = await wait_job_state(svc, job_id, "running")
     assert [w["state"] for w in running["worker_states"]] == ["running", "running"]
     await _set_status(svc, job_id, {"conditions": [_condition("Complete", "JobsCompleted", "jobs completed")],
                                     "jobsStatus": [{"name": "node", "ready": 0, "active": 0, "succeeded": 1,
                                                     "failed": 0, "suspended": 0}]})
-    done = await _state(svc, job_id, "succeeded")
+    done = await wait_job_state(svc, job_id, "succeeded")
     assert done["finished"] is not None
 
     # ttl_seconds_after_finished = 0: the list shows it one last time and deletes it, and the garbage
@@ -229,7 +191,7 @@ async def test_worker_pods_logs_failure_and_the_failed_condition(trainjob_servic
         return pods if len(pods) == 2 and all(p["status"].get("phase") == "Running" for p in pods) else None
 
     pods = await wait_for(pods_running, timeout=60, what="the node Job's 2 Running pods")
-    await _state(svc, job_id, "running")
+    await wait_job_state(svc, job_id, "running")
 
     # each rank's log, found through the JobSet's labels and read with the service's own rights
     for pod in pods:
@@ -252,12 +214,12 @@ async def test_worker_pods_logs_failure_and_the_failed_condition(trainjob_servic
 
     rank1 = next(p for p in pods if p["metadata"]["labels"][objects.COMPLETION_INDEX_LABEL] == "1")
     await set_pod_outcome(svc.api, svc.namespace, rank1["metadata"]["name"], "fail", exit_code=3)
-    failed = await _state(svc, job_id, "failed")
+    failed = await wait_job_state(svc, job_id, "failed")
     assert failed["failed_rank"] == 1 and failed["exit_code"] == 3
     assert "Worker 1 exited with code 3" in failed["message"]
 
     await _set_status(svc, job_id, {"conditions": [_condition("Failed", "JobsFailed", "node job failed")]})
-    failed = await _state(svc, job_id, "failed")
+    failed = await wait_job_state(svc, job_id, "failed")
     assert "node job failed" in failed["message"]
     status, again = svc.call("POST", f"/jobs/{job_id}/cancel")
     assert status == 200 and again["state"] == "failed"  # cancel is idempotent on a finished job
