@@ -171,19 +171,19 @@ class Kube:
     # ------------------------------------------------------------------ the one request path
 
     async def request(self, method: str, path: str, *, body: Any = None, query: dict[str, Any] | None = None,
-                      content_type: str = "application/json", text: bool = False, raw: bool = False,
+                      content_type: str = "application/json", raw: bool = False,
                       retry: bool = True) -> Any:
-        """Call the API server; return the parsed JSON (or text), raise a ``KubeError`` subclass.
+        """Call the API server; return the parsed JSON (or raw bytes), raise a ``KubeError`` subclass.
 
         Retried: connection errors, 429 and 5xx (writes too: every write of the
         service is a create with a fixed name or an idempotent patch/delete, so
         a retry after a lost answer ends in 409/404, which callers expect).
 
-        ``text=True`` returns the body exactly as sent (a container log): the
+        ``raw=True`` returns the body exactly as sent, undecoded (a container
+        log, read by a reader that counts bytes against ``limitBytes``): the
         client's own deserializer would first try it as JSON, so a log that
         happens to be one JSON value (``{"loss": 0.5}``, ``0.50``, ``null``)
-        would come back as its Python ``str()`` or ``None``. ``raw=True`` returns
-        those bytes undecoded (a reader that counts bytes against ``limitBytes``).
+        would come back as its Python ``str()`` or ``None``.
         """
         attempts = self.retries + 1 if retry else 1
         delay = self.backoff
@@ -195,11 +195,10 @@ class Kube:
                     header_params={"Content-Type": content_type, "Accept": "application/json"},
                     body=body, auth_settings=["BearerToken"],
                     response_types_map={200: "object", 201: "object", 202: "object"},
-                    _preload_content=not (text or raw), _request_timeout=self.timeout,
+                    _preload_content=not raw, _request_timeout=self.timeout,
                 )
-                if text or raw:
-                    data = await _body_bytes(result)
-                    return data if raw else data.decode("utf-8", "replace")
+                if raw:
+                    return await _body_bytes(result)
                 data, _status, _headers = result
                 return data
             except ApiException as e:
