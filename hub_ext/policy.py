@@ -289,7 +289,8 @@ def require_owner(obj: dict[str, Any] | None, caller: Caller, what: str, name: s
 # --------------------------------------------------------------------------- status
 
 
-def _record(obj: dict[str, Any]) -> dict[str, Any]:
+def spec_record(obj: dict[str, Any]) -> dict[str, Any]:
+    """The request hubml recorded on an object (``hubml.io/spec``); ``{}`` when absent or unreadable."""
     import json
 
     raw = ((obj.get("metadata") or {}).get("annotations") or {}).get(objects.ANNOTATION_SPEC, "{}")
@@ -359,7 +360,7 @@ def job_status(job: dict[str, Any], pods: list[dict[str, Any]]) -> JobStatus:
     the Job's own ``Failed`` condition (deadline, backoff) explains the rest.
     """
     meta = job.get("metadata") or {}
-    rec = _record(job)
+    rec = spec_record(job)
     workers = int(rec.get("workers") or 1)
     annotations = meta.get("annotations") or {}
     by_rank: dict[int, dict[str, Any]] = {}

@@ -10,7 +10,6 @@ so the endpoint never goes away.
 from __future__ import annotations
 
 import asyncio
-import json
 from typing import Any
 
 from hubml import names
@@ -36,15 +35,6 @@ def deploy_spec_from_body(body: dict[str, Any]) -> DeploySpec:
     return DeploySpec(model=ModelRef.parse(body["model"]), name=body["name"], **kw).validate()
 
 
-def _record(obj: dict[str, Any]) -> dict[str, Any]:
-    raw = ((obj.get("metadata") or {}).get("annotations") or {}).get(objects.ANNOTATION_SPEC, "{}")
-    try:
-        data = json.loads(raw)
-    except ValueError:
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
 def deployment_info(obj: dict[str, Any], endpoints: Endpoints = Endpoints()) -> DeploymentInfo:
     """A ``DeploymentInfo`` from an InferenceService or a Deployment, as the API server reports it.
 
@@ -52,7 +42,7 @@ def deployment_info(obj: dict[str, Any], endpoints: Endpoints = Endpoints()) -> 
     address when set, else the administrator's template, else in-cluster DNS).
     """
     meta = obj.get("metadata") or {}
-    rec = _record(obj)
+    rec = pol.spec_record(obj)
     status = obj.get("status") or {}
     name = meta.get("name", "")
     message = ""
