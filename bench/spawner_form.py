@@ -113,7 +113,7 @@ async def run(memory: bool, nodes_n: int, pods_n: int, gpu_pods_n: int, reps: in
 
 
 async def _run(memory: bool, nodes_n: int, pods_n: int, gpu_pods_n: int, reps: int, holder: dict) -> None:
-    from hubml.profiles import UsageIndex
+    from hubml.availability import UsageIndex
     from hubml_testing.kube_cluster import load_topology, scale_nodes, scale_pods
 
     topo = load_topology()

@@ -106,7 +106,8 @@ def from_spawner_catalogue(path: str, default: ProfilePolicy) -> dict[str, Profi
     """
     if not path:
         return {}
-    from hubml.profiles import ProfileConfigError, load_catalogue
+    from hubml.profile_config import load_catalogue
+    from hubml.profiles import ProfileConfigError
 
     p = Path(path)
     if not p.is_file():

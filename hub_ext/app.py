@@ -26,7 +26,9 @@ from traitlets.config import Application
 
 from hubml import names
 from hubml.errors import InvalidRequest
-from hubml.profiles import ProfileConfigError, UsageIndex, load_catalogue
+from hubml.availability import UsageIndex
+from hubml.profile_config import load_catalogue
+from hubml.profiles import ProfileConfigError
 
 from . import handlers
 from . import kube as k

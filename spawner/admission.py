@@ -14,7 +14,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from hubml.profiles import Availability, Catalogue, Profile
+from hubml.availability import Availability
+from hubml.profiles import Catalogue, Profile
 
 
 @dataclass(frozen=True)

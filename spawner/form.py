@@ -18,7 +18,8 @@ from typing import Any
 
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 
-from hubml.profiles import Availability, Catalogue
+from hubml.availability import Availability
+from hubml.profiles import Catalogue
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""One shared node and pod informer per hub, feeding :class:`hubml.profiles.UsageIndex`.
+"""One shared node and pod informer per hub, feeding :class:`hubml.availability.UsageIndex`.
 
 Built on KubeSpawner's :class:`~kubespawner.reflector.ResourceReflector` (same
 start/stop, first-load future, failure callback and shared-client handling as
@@ -27,7 +27,7 @@ from kubespawner.reflector import ResourceReflector
 from traitlets import Any as AnyTrait
 from traitlets import Unicode
 
-from hubml.profiles import UsageIndex
+from hubml.availability import UsageIndex
 
 
 def slim_pod(pod: dict) -> dict:

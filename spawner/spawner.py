@@ -2,7 +2,8 @@
 
 The GPU logic lives in small modules this class wires into KubeSpawner's hooks:
 
-- :mod:`hubml.profiles` / :mod:`hubml.mig` — the catalogue and its validation;
+- :mod:`hubml.profiles` / :mod:`hubml.profile_config` / :mod:`hubml.mig` — the catalogue and its validation;
+- :mod:`hubml.availability` — free GPU capacity per profile;
 - :mod:`.expansion` — catalogue -> KubeSpawner ``profile_list`` entries;
 - :mod:`.merges` — profile list settings extend (not replace) the base config;
 - :mod:`.informer` — one node + pod informer per hub -> free capacity;
@@ -27,7 +28,9 @@ from kubespawner import KubeSpawner
 from tornado import web
 from traitlets import Bool, Dict, Int, List, TraitError, Unicode, default, validate
 
-from hubml.profiles import Catalogue, ProfileConfigError, UsageIndex, load_catalogue
+from hubml.availability import UsageIndex
+from hubml.profile_config import load_catalogue
+from hubml.profiles import Catalogue, ProfileConfigError
 
 from . import admission, quota
 from .expansion import expand_catalogue

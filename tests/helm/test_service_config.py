@@ -59,7 +59,7 @@ def run_profiles_hand_off(values: dict, culler_data: dict, tmp_path) -> str:
 @pytest.mark.parametrize("overlays", CASES, ids=IDS)
 def test_culler_config_names_real_traits(overlays, tmp_path, monkeypatch):
     from hubml.culler.app import CullerApp
-    from hubml.profiles import parse_duration
+    from hubml.quantities import parse_duration
 
     values = merged_values(*overlays)
     _, data = culler_config_file(values)

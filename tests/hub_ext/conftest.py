@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from hubml.profiles import load_catalogue
+from hubml.profile_config import load_catalogue
 from hubml_testing.jupyterhub import RunningHub, start_hub
 from hubml_testing.kube import service_account_kubeconfig, wait_for
 from hubml_testing.ports import free_port, wait_http

@@ -12,7 +12,7 @@ from hubml.hub_ext import objects
 from hubml.hub_ext import policy as pol
 from hubml.hub_ext.training import CrdCache, Training
 from hubml.jobs import JobState, TrainSpec
-from hubml.profiles import load_catalogue
+from hubml.profile_config import load_catalogue
 
 CODE = "import torch\nprint(torch.__version__)\n"
 

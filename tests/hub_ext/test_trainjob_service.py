@@ -21,7 +21,7 @@ from hubml.hub_ext import kube as k
 from hubml.hub_ext import objects
 from hubml.hub_ext import policy as pol
 from hubml.jobs import TrainSpec
-from hubml.profiles import load_catalogue
+from hubml.profile_config import load_catalogue
 from hubml_testing.kube import set_pod_outcome, wait_for
 from hubml_testing.kube_cluster import append_container_log
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import random
 
-from hubml.profiles import UsageIndex, compute_availability, load_catalogue, pod_extended_requests
+from hubml.availability import UsageIndex, compute_availability, pod_extended_requests
+from hubml.profile_config import load_catalogue
 
 TAINT = {"key": "nvidia.com/gpu", "value": "present", "effect": "NoSchedule"}
 

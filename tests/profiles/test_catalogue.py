@@ -7,13 +7,9 @@ import copy
 import pytest
 
 from hubml.mig import MIG_CATALOGUE, family_for_model, mig_profiles_for_model
-from hubml.profiles import (
-    ProfileConfigError,
-    UnknownProfileError,
-    load_catalogue,
-    parse_duration,
-    parse_memory,
-)
+from hubml.profile_config import load_catalogue
+from hubml.profiles import ProfileConfigError, UnknownProfileError
+from hubml.quantities import parse_memory
 
 EXAMPLE = [
     {"name": "cpu", "display": "CPU · 2 cores · 4 GiB", "cpu": 2, "memory": "4G", "default": True},
@@ -109,20 +105,6 @@ def test_mig_catalogue_matches_the_user_guide():
     # every family has seven or five profiles and a whole-GPU one
     for fam in MIG_CATALOGUE.values():
         assert max(int(p.split("g.")[0]) for p in fam.profiles) in (4, 7)
-
-
-@pytest.mark.parametrize(
-    "value, seconds",
-    [("30m", 1800), ("1h30m", 5400), ("90s", 90), ("2d", 172800), (600, 600), ("45", 45), (1.5, 1)],
-)
-def test_parse_duration(value, seconds):
-    assert parse_duration(value) == seconds
-
-
-@pytest.mark.parametrize("value", ["", "30 min", "-5", "0", 0, -1, True, "1h-5m", None, "m"])
-def test_parse_duration_refuses(value):
-    with pytest.raises(ValueError):
-        parse_duration(value)
 
 
 def test_parse_memory():

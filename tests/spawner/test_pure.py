@@ -7,7 +7,8 @@ from html.parser import HTMLParser
 
 import pytest
 
-from hubml.profiles import Availability, load_catalogue
+from hubml.availability import Availability
+from hubml.profile_config import load_catalogue
 from hubml.spawner import admission, quota
 from hubml.spawner.expansion import expand_catalogue
 from hubml.spawner.form import form_entries, render_form
@@ -240,7 +241,7 @@ def test_everything_full_shows_a_notice():
 
 
 def test_slim_pod_keeps_what_availability_needs():
-    from hubml.profiles import pod_extended_requests
+    from hubml.availability import pod_extended_requests
     from hubml.spawner.informer import slim_pod
 
     pod = {"metadata": {"name": "p", "namespace": "n", "uid": "u", "managedFields": [{"x": 1}], "labels": {"a": "b"}},
