@@ -25,26 +25,34 @@ from tornado.httpserver import HTTPServer
 from traitlets import Bool, Float, Int, TraitError, Unicode, default, validate
 from traitlets.config import Application
 
+from hubml.quantities import DURATION_EXAMPLES, parse_duration
+
 from .catalogue import CatalogueError, from_spawner_catalogue, load_profiles_setting
 from .cycle import Culler
 from .gpu import PrometheusGpuSource
 from .hub import HubClient
 from .metrics import CullerMetrics
 from .notify import NoticeBoard, WebhookNotifier
-from .policy import PolicyConfig, ProfilePolicy, parse_duration
+from .policy import PolicyConfig, ProfilePolicy
 
 #: where Kubernetes mounts the pod's service-account namespace
 SERVICE_ACCOUNT_NAMESPACE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
 
 
 class Duration(Float):
-    """Seconds, given as a number or a string such as ``"30m"``, ``"2h"``."""
+    """Seconds, given as a number or a string such as ``"30m"``, ``"1h30m"``.
 
-    info_text = "a duration (seconds, or a number with unit s/m/h/d such as '30m')"
+    The grammar is :func:`hubml.quantities.parse_duration`, the one the profile
+    catalogue's ``idle_timeout`` and ``%%train --timeout`` use. Zero passes here
+    because it means something for some settings (``max_age``: no limit,
+    ``grace_period``: no warning); the others refuse it in ``_nonzero``.
+    """
+
+    info_text = f"a duration (a number of seconds, or e.g. {DURATION_EXAMPLES})"
 
     def validate(self, obj, value):
         try:
-            return parse_duration(value)
+            return parse_duration(value, allow_zero=True)
         except ValueError as e:
             raise TraitError(f"{self.name}: {e}") from None
 
@@ -121,7 +129,7 @@ class CullerApp(Application):
         "",
         help="Per-profile settings as inline JSON or a JSON/YAML file path: "
         '{"<profile>": {"idle_timeout": "30m", "max_age": "8h", "gpu": 1}}. '
-        "Overrides the spawner catalogue (hubml.profiles) per profile. The profile "
+        "Overrides the spawner catalogue (hubml.profile_config) per profile. The profile "
         "is read from the server's user_options['profile'].",
     ).tag(config=True)
     spawner_profiles = Unicode(
@@ -146,7 +154,7 @@ class CullerApp(Application):
             raise TraitError(f"gpu_idle_threshold is a percentage 0-100, not {proposal.value}")
         return proposal.value
 
-    @validate("timeout", "gpu_idle_window", "cull_every", "request_timeout", "kernel_timeout")
+    @validate("timeout", "gpu_idle_window", "cull_every", "request_timeout", "kernel_timeout", "prometheus_step")
     def _nonzero(self, proposal):
         if proposal.value <= 0:
             raise TraitError(f"{proposal.trait.name} must be greater than 0, not {proposal.value}")

@@ -3,7 +3,7 @@
 Sources, later ones overriding earlier ones per profile:
 
 1. the spawner's profile list (the ``c.HubMLSpawner.gpu_profiles`` entries in a
-   JSON/YAML file), validated by ``hubml.profiles``: each profile's
+   JSON/YAML file), validated by ``hubml.profile_config``: each profile's
    ``idle_timeout`` and GPU count;
 2. the culler's ``profiles`` setting: a JSON/YAML file path or inline JSON.
 
@@ -20,7 +20,9 @@ from typing import Any
 
 import yaml
 
-from .policy import ProfilePolicy, parse_duration
+from hubml.quantities import parse_duration
+
+from .policy import ProfilePolicy
 
 ALLOWED_KEYS = {"idle_timeout", "max_age", "gpu"}
 
@@ -62,12 +64,11 @@ def parse_profiles(data: Any, default: ProfilePolicy, source: str) -> dict[str, 
                 f"{where} has unknown keys {sorted(unknown)}; allowed are {sorted(ALLOWED_KEYS)}"
             )
         try:
-            idle = parse_duration(spec.get("idle_timeout", default.idle_timeout))
-            max_age = parse_duration(spec.get("max_age", default.max_age) or 0)
+            idle = parse_duration(spec.get("idle_timeout", default.idle_timeout), "idle_timeout")
+            # max_age 0 (or absent) means no limit, as the culler's own max_age setting
+            max_age = parse_duration(spec.get("max_age", default.max_age) or 0, "max_age", allow_zero=True)
         except ValueError as e:
             raise CatalogueError(f"{where}: {e}") from None
-        if idle <= 0:
-            raise CatalogueError(f"{where}: idle_timeout must be > 0 (use a longer timeout, not 0)")
         out[name] = ProfilePolicy(idle_timeout=idle, max_age=max_age, gpus=_gpu_count(spec.get("gpu", 0), where))
     return out
 
@@ -100,7 +101,7 @@ def from_spawner_catalogue(path: str, default: ProfilePolicy) -> dict[str, Profi
     """Policies from the spawner's profile list (``c.HubMLSpawner.gpu_profiles``).
 
     ``path`` is a JSON/YAML file holding that same list; it is validated by
-    :func:`hubml.profiles.load_catalogue`, so the culler and the spawner agree
+    :func:`hubml.profile_config.load_catalogue`, so the culler and the spawner agree
     on names. Each profile's ``idle_timeout`` (None: the culler's default) and
     GPU units become its cull policy.
     """

@@ -323,32 +323,3 @@ def reconfirm(planned: Decision, fresh: Decision) -> tuple[bool, str]:
     if fresh.action == planned.action:
         return True, ""
     return False, fresh.reason or fresh.action.value
-
-
-def parse_duration(value: object) -> float:
-    """Seconds from ``90``, ``"90"``, ``"90s"``, ``"30m"``, ``"2h"``, ``"1d"``.
-
-    Raises ValueError with the accepted forms, so config errors read well.
-    """
-    if isinstance(value, bool):
-        raise ValueError(f"{value!r} is not a duration")
-    if isinstance(value, (int, float)):
-        seconds = float(value)
-    elif isinstance(value, str):
-        text = value.strip().lower()
-        units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-        try:
-            if text and text[-1] in units:
-                seconds = float(text[:-1]) * units[text[-1]]
-            else:
-                seconds = float(text)
-        except ValueError:
-            raise ValueError(
-                f"{value!r} is not a duration: use seconds (e.g. 1800) or a number "
-                "with a unit s, m, h or d (e.g. '30m')"
-            ) from None
-    else:
-        raise ValueError(f"{value!r} is not a duration (a number of seconds or '30m')")
-    if seconds != seconds or seconds < 0 or seconds == float("inf"):
-        raise ValueError(f"{value!r} is not a duration: it must be finite and >= 0")
-    return seconds

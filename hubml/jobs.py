@@ -167,26 +167,6 @@ class LogChunk:
     next_cursor: Any
 
 
-def parse_duration(text: str, what: str = "--timeout") -> float:
-    """``90``, ``90s``, ``30m``, ``2h``, ``1d`` → seconds."""
-    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-    raw = str(text).strip().lower()
-    factor = 1
-    if raw and raw[-1] in units:
-        factor = units[raw[-1]]
-        raw = raw[:-1]
-    try:
-        value = float(raw) * factor
-    except ValueError:
-        raise InvalidRequest(
-            f"{what} {text!r} is not a duration: use a number of seconds or a number with s, m, h or d "
-            f"(for example 90, 30m, 2h)."
-        ) from None
-    if not math.isfinite(value) or value <= 0:
-        raise InvalidRequest(f"{what} must be positive, got {text!r}.")
-    return value
-
-
 def _int_in_range(flag: str, value: Any, low: int, high: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
         raise InvalidRequest(f"{flag} must be a whole number from {low} to {high}; got {value!r}.")

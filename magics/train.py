@@ -21,8 +21,9 @@ from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments
 
 from hubml.errors import Conflict, Forbidden, InvalidRequest, NotFound
-from hubml.jobs import JobStatus, TrainSpec, parse_duration
+from hubml.jobs import JobStatus, TrainSpec
 from hubml.names import env_pairs
+from hubml.quantities import DURATION_EXAMPLES, parse_duration
 from hubml.magics import watch as live
 from hubml.magics.session import SESSION
 
@@ -52,6 +53,20 @@ def parse_line(magic: Callable[..., Any], line: str) -> Any:
     except ValueError as exc:
         raise UsageError(f"Could not read the options {line.strip()!r}: {exc} (check the quotes).") from None
     return magic.parser.parse_args(argv)
+
+
+def train_spec(args: Any, cell: str) -> TrainSpec:
+    """The validated ``TrainSpec`` a parsed ``%%train`` line and its cell ask for.
+
+    Separate from the magic so that what the options mean (``--timeout 1h30m`` is
+    5400 seconds, by :func:`hubml.quantities.parse_duration` like every other
+    duration) can be checked without starting a job; nothing is created here.
+    """
+    timeout = parse_duration(args.timeout, "--timeout") if args.timeout is not None else None
+    return TrainSpec(
+        code=cell, workers=args.workers, gpus_per_worker=args.gpus_per_worker, profile=args.profile,
+        experiment=args.experiment, run_name=args.run_name, env=env_pairs(args.env), timeout=timeout,
+    ).validate()
 
 
 def _backend(name: str | None) -> Any:
@@ -90,7 +105,7 @@ class TrainMagics(Magics):
               help="Environment variable for every worker; repeat for more. RANK, WORLD_SIZE, MASTER_*, "
                    "MLFLOW_* and HUBML_JOB_ID are set by the launcher and hubml and cannot be overridden.")
     @argument("--timeout", default=None, metavar="DURATION",
-              help="Kill the job after this long: 90, 90s, 30m, 2h. Default: no limit.")
+              help=f"Kill the job after this long: {DURATION_EXAMPLES}. Default: no limit.")
     @argument("--no-wait", action="store_true",
               help="Return once the job started; follow it with %%train_logs JOB --follow and %%train_status.")
     @argument("--backend", default=None, metavar="NAME",
@@ -138,11 +153,7 @@ class TrainMagics(Magics):
             ...
         """
         args = parse_line(self.train, line)
-        timeout = parse_duration(args.timeout) if args.timeout is not None else None
-        spec = TrainSpec(
-            code=cell, workers=args.workers, gpus_per_worker=args.gpus_per_worker, profile=args.profile,
-            experiment=args.experiment, run_name=args.run_name, env=env_pairs(args.env), timeout=timeout,
-        ).validate()
+        spec = train_spec(args, cell)
         backend = _backend(args.backend)
         status = backend.submit(spec)
         SESSION.last_job_id = status.id

@@ -6,7 +6,7 @@ import pytest
 
 from hubml import names
 from hubml.errors import BackendError, InvalidRequest, JobFailed
-from hubml.jobs import JobState, JobStatus, TrainSpec, WorkerStatus, parse_duration
+from hubml.jobs import JobState, JobStatus, TrainSpec, WorkerStatus
 from hubml.models import DeploySpec, ModelRef, RegisterRequest
 
 BAD_SPECS = [
@@ -57,17 +57,6 @@ def test_job_status_round_trip_keeps_worker_states():
     again = JobStatus.from_dict(status.to_dict())
     assert again == status
     assert again.state.finished and not JobState.RUNNING.finished
-
-
-@pytest.mark.parametrize("text,seconds", [("90", 90), ("90s", 90), ("30m", 1800), ("2h", 7200), ("1d", 86400), ("1.5h", 5400)])
-def test_durations(text, seconds):
-    assert parse_duration(text) == seconds
-
-
-@pytest.mark.parametrize("text", ["", "abc", "-5", "0", "10x", "m", "nan"])
-def test_bad_durations(text):
-    with pytest.raises(InvalidRequest):
-        parse_duration(text)
 
 
 @pytest.mark.parametrize("text,expected", [
