@@ -81,6 +81,17 @@ def _refusal(check: Callable[..., object], *args: Any, **kwargs: Any) -> str | N
     return None
 
 
+def _dict_of_known_keys(value: Any, where: str, known: set[str], bad, shape: str, noun: str = "key") -> bool:
+    """Whether ``value`` is a dict (else ``shape`` is the problem); each unknown key is a problem too."""
+    if not isinstance(value, Mapping):
+        bad(where, shape)
+        return False
+    for k in value:
+        if k not in known:
+            bad(f"{where}.{k}", f"unknown {noun}{suggestion(str(k), known)}")
+    return True
+
+
 def _anchored(regex: str) -> bool:
     return regex.startswith("^") and (regex.endswith("$") and not regex.endswith("\\$") or regex.endswith("\\Z"))
 
@@ -347,12 +358,8 @@ def _load_images(images: Any, bad) -> tuple[ImageChoice, ...]:
     seen = set()
     for j, it in enumerate(items):
         where = f"images[{j}]"
-        if not isinstance(it, Mapping):
-            bad(where, "must be a dict with name and image")
+        if not _dict_of_known_keys(it, where, _IMAGE_KEYS, bad, "must be a dict with name and image"):
             continue
-        for k in it:
-            if k not in _IMAGE_KEYS:
-                bad(f"{where}.{k}", f"unknown key{suggestion(str(k), _IMAGE_KEYS)}")
         name, image = it.get("name"), it.get("image")
         if not isinstance(name, str) or not _NAME_RE.match(name):
             bad(f"{where}.name", f"{name!r} must be a slug like 'pytorch'")
@@ -408,12 +415,9 @@ def _load_custom_image(ci: Any, bad) -> CustomImage | None:
 
 
 def _check_toleration(t: Any, where: str, bad) -> None:
-    if not isinstance(t, Mapping):
-        bad(where, "must be a dict like {'key': 'dedicated', 'operator': 'Equal', 'value': 'ml', 'effect': 'NoSchedule'}")
+    shape = "must be a dict like {'key': 'dedicated', 'operator': 'Equal', 'value': 'ml', 'effect': 'NoSchedule'}"
+    if not _dict_of_known_keys(t, where, _TOLERATION_KEYS, bad, shape, noun="toleration field"):
         return
-    for k in t:
-        if k not in _TOLERATION_KEYS:
-            bad(f"{where}.{k}", f"unknown toleration field{suggestion(str(k), _TOLERATION_KEYS)}")
     op = t.get("operator", "Equal")
     if op not in ("Equal", "Exists"):
         bad(f"{where}.operator", f"{op!r} must be 'Equal' or 'Exists'")
