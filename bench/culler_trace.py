@@ -139,7 +139,7 @@ class TraceGpuSource:
             return None
         return gpu_util(self.intents[u][m])
 
-    async def utilisation(self, pods, window, now):
+    async def utilisation(self, pods, window, now, *, lookback=0.0, threshold=0.0):
         from hubml.culler.policy import GpuReading
 
         self.requests += 1
@@ -154,7 +154,14 @@ class TraceGpuSource:
                 if v is not None:
                     samples.append((datetime.fromtimestamp(t, timezone.utc), v))
                 t += self.step
-            out[ref] = GpuReading(ok=True, samples=tuple(samples))
+            last_busy = None  # the last step above the threshold over the look-back, as Prometheus answers
+            t = end
+            while last_busy is None and t >= end - lookback - 1e-9:
+                v = self.util_at(u, t)
+                if v is not None and v > threshold:
+                    last_busy = datetime.fromtimestamp(t, timezone.utc)
+                t -= self.step
+            out[ref] = GpuReading(ok=True, samples=tuple(samples), last_busy=last_busy)
         return out
 
 

@@ -390,7 +390,7 @@ class _NoGpuSource:
     activity, so GPU servers are judged like CPU servers, as documented.
     """
 
-    async def utilisation(self, pods, window, now):
+    async def utilisation(self, pods, window, now, *, lookback=0.0, threshold=0.0):
         from .policy import GpuReading
 
         return {p: GpuReading(ok=True) for p in pods}

@@ -3,7 +3,7 @@
 The pass streams the hub's user pages (next page prefetched) and starts the
 kernel reads for each server as soon as its user arrives; reads share the hub
 client's concurrency bound. GPU utilisation is fetched once per pass for all
-GPU servers. Only when the whole user list arrived does the pass act: with a
+GPU servers, with the last busy sample over the longest GPU ``idle_timeout``. Only when the whole user list arrived does the pass act: with a
 partial list nothing is culled and every server seen is counted as skipped.
 Acting comes seconds after reading, so every warning and stop is preceded by a
 re-read of that one server and the same pure decision on the fresh snapshot
@@ -36,6 +36,7 @@ from .policy import (
     PolicyConfig,
     ServerSnapshot,
     decide,
+    gpu_lookback,
     reconfirm,
     track_attention,
     track_kernels,
@@ -311,8 +312,10 @@ class Culler:
                 gpu_pods[s.key] = PodRef(self.namespace, pod_name(self.pod_name_template, s.user, s.name))
         readings = {}
         if gpu_pods and self.gpu_source is not None:
+            # the last busy sample is looked up over idle_timeout, not only the window (rule 3)
             readings = await self.gpu_source.utilisation(
-                set(gpu_pods.values()), self.policy.gpu_idle_window, now
+                set(gpu_pods.values()), self.policy.gpu_idle_window, now,
+                lookback=gpu_lookback(self.policy), threshold=self.policy.gpu_idle_threshold,
             )
         decisions: list[tuple[ServerSnapshot, Decision]] = []
         for s in snaps:

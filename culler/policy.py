@@ -14,7 +14,10 @@ Rules, in order:
    the future, kernels unreadable, GPU data unavailable for a GPU profile) →
    ``SKIP`` with a reason; a skip is never a cull;
 3. activity = the latest of the hub's ``last_activity``, idle kernels'
-   ``last_activity`` and the last time the GPU was above the threshold;
+   ``last_activity`` and the last GPU sample above the threshold — looked up
+   over the profile's ``idle_timeout`` (:func:`gpu_lookback`), not only over
+   the GPU-idle window, so a training run that ended keeps its server for
+   ``idle_timeout`` after its last busy sample;
 4. a busy kernel is activity, except the *forgotten loop*: GPU utilisation at or
    below the threshold for the whole GPU-idle window, every busy kernel busy
    without a break since before the window (no cell started) and no client
@@ -95,6 +98,12 @@ class Kernel:
 class GpuReading:
     """GPU utilisation samples (percent) for the server's pod over the window.
 
+    ``last_busy`` is the last sample above the threshold over the longer
+    look-back of :func:`gpu_lookback` (None: none in it), which the window's
+    samples alone cannot tell once a run ended more than a window ago. It comes
+    from the source (Prometheus keeps the history), not from the culler's
+    memory, so a restarted culler knows it as well as a running one.
+
     ``ok`` False means the source could not say (source down, no series for the
     pod): a GPU server is then skipped, never culled.
     """
@@ -102,6 +111,7 @@ class GpuReading:
     ok: bool
     samples: tuple[tuple[datetime, float], ...] = ()
     error: str = ""
+    last_busy: datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -184,6 +194,20 @@ def track_attention(
     return previous if previous is not None else now
 
 
+def gpu_lookback(cfg: PolicyConfig) -> float:
+    """Seconds of GPU history a source must search for the last busy sample.
+
+    A busy sample older than a GPU profile's ``idle_timeout`` cannot keep its
+    server any more, so the longest such timeout is what the decision needs.
+    The grace period and one GPU-idle window more keep that sample in view
+    until the cull comes (passes run far more often than once a window), so
+    the cull's ``idle_since``, and the idle GPU-hours it reports, start from it
+    rather than from older activity.
+    """
+    timeouts = [p.idle_timeout for p in (cfg.default, *cfg.profiles.values()) if p.gpus]
+    return max(timeouts, default=0.0) + max(cfg.grace_period, 0.0) + cfg.gpu_idle_window
+
+
 def _gpu_summary(
     reading: GpuReading, window_start: datetime, threshold: float, step: float
 ) -> tuple[datetime | None, bool]:
@@ -195,6 +219,9 @@ def _gpu_summary(
     times = [t for t, _ in reading.samples]
     covered = bool(times) and min(times) <= window_start + timedelta(seconds=step)
     all_idle = covered and last_active is None
+    if reading.last_busy is not None and (last_active is None or reading.last_busy > last_active):
+        last_active = reading.last_busy
+        all_idle = all_idle and reading.last_busy < window_start  # busy before the window only
     return last_active, all_idle
 
 
@@ -258,6 +285,8 @@ def decide(
         gpu_last_active, gpu_all_idle = _gpu_summary(
             snap.gpu, window_start, cfg.gpu_idle_threshold, gpu_step
         )
+        if gpu_last_active is not None and gpu_last_active > now + CLOCK_SKEW:
+            return Decision(Action.SKIP, "timestamps-in-future", gpus=prof.gpus)
 
     # ---- activity -----------------------------------------------------------
     busy = [k for k in kernels if k.execution_state in BUSY_STATES]

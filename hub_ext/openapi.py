@@ -35,7 +35,8 @@ SCHEMAS: dict[str, Any] = {
         "type": "object", "additionalProperties": False, "required": ["code"],
         "properties": {
             "code": {"type": "string", "minLength": 1, "maxLength": MAX_CODE_BYTES,
-                     "description": "The cell: a standalone Python script run by every worker process."},
+                     "description": "The cell: a standalone Python script run by every worker process; "
+                                    "one that does not compile is refused (400) before anything is created."},
             "workers": {"type": "integer", "minimum": 1, "maximum": MAX_WORKERS, "default": 1},
             "gpus_per_worker": {"type": "integer", "minimum": 0, "maximum": MAX_GPUS_PER_WORKER, "default": 0},
             "profile": {"type": "string", "pattern": DNS_LABEL},

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -56,12 +58,16 @@ class TrainSpec:
                 "The %%train cell is empty: write the training script in the cell body, below the "
                 "%%train line (it runs in each worker as a standalone Python script)."
             )
-        if len(self.code.encode()) > MAX_CODE_BYTES:
+        size = len(self.code.encode("utf-8", "surrogatepass"))  # a lone surrogate is refused below, by name
+        if size > MAX_CODE_BYTES:
             raise InvalidRequest(
-                f"The cell is {len(self.code.encode()) // 1024} KiB; at most {MAX_CODE_BYTES // 1024} KiB "
+                f"The cell is {size // 1024} KiB; at most {MAX_CODE_BYTES // 1024} KiB "
                 f"can be shipped to the workers. Move large code into a module in your home directory "
                 f"and import it from the cell."
             )
+        problem = syntax_problem(self.code)
+        if problem:
+            raise InvalidRequest(problem)
         _int_in_range("--workers", self.workers, 1, MAX_WORKERS)
         _int_in_range("--gpus-per-worker", self.gpus_per_worker, 0, MAX_GPUS_PER_WORKER)
         if self.profile is not None:
@@ -170,3 +176,80 @@ class LogChunk:
 def _int_in_range(flag: str, value: Any, low: int, high: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
         raise InvalidRequest(f"{flag} must be a whole number from {low} to {high}; got {value!r}.")
+
+
+#: How much of the offending line a syntax error quotes (a minified line can be huge).
+_QUOTED_LINE_CHARS = 100
+
+
+@functools.lru_cache(maxsize=8)
+def syntax_problem(code: str) -> str | None:
+    """Why ``code`` would fail to start as a worker's script, or ``None`` if Python accepts it.
+
+    Both backends write the cell unchanged, UTF-8 encoded, to ``train.py`` and run
+    it with ``python -m torch.distributed.run``; compiling those bytes here (the
+    encoding cookie and byte order mark read as the interpreter reads them, the
+    compiler's own checks included) lets a typo be refused before any job,
+    process or MLflow run exists instead of failing every worker seconds later.
+    Cached because one submit validates the same spec more than once and a
+    large cell takes a noticeable part of a second to compile.
+    """
+    try:
+        source = code.encode("utf-8")
+    except UnicodeEncodeError as e:
+        line, column = _position(code, e.start)
+        return (f"The %%train cell holds U+{ord(code[e.start]):04X} at line {line}, column {column}, which is not "
+                f"a character (a lone surrogate) and cannot be written into the workers' script: delete it, "
+                f"or retype the text around it, and run the cell again.")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # a SyntaxWarning only warns in the worker
+            compile(source, "train.py", "exec", dont_inherit=True)
+    except (SyntaxError, ValueError) as e:
+        return _syntax_message(code, e)
+    except (MemoryError, RecursionError):
+        return ("The %%train cell nests expressions too deeply for Python to compile it: split the deepest "
+                "expression into several statements and run the cell again.")
+    return None
+
+
+def _syntax_message(code: str, error: SyntaxError | ValueError) -> str:
+    """One paragraph: where (line, column, the line itself), Python's reason, and the fix."""
+    reason = str(getattr(error, "msg", None) or error).rstrip(".")
+    if "\0" in code:  # "source code cannot contain null bytes" carries no position
+        line, column = _position(code, code.index("\0"))
+        return (f"The %%train cell is not valid Python: line {line}, column {column} holds a NUL character "
+                f"(U+0000), which Python source cannot contain: delete it (it often comes from pasting binary "
+                f"text) and run the cell again.")
+    lineno = getattr(error, "lineno", None)
+    if not lineno:  # no position: the encoding declaration itself is wrong
+        return (f"The %%train cell cannot be read as Python: {reason}. The workers get the cell as UTF-8: "
+                f"remove its '# coding:' line (or make it '# coding: utf-8') and run the cell again.")
+    text = getattr(error, "text", None)
+    if text is None:  # the compiler's own checks ('return' outside function…) do not quote the line
+        lines = code.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+        text = lines[lineno - 1] if lineno <= len(lines) else ""
+    text = text.rstrip("\r\n")
+    # SyntaxError.offset counts UTF-8 bytes of the line here (bytes were compiled): report characters
+    offset = max(1, int(getattr(error, "offset", None) or 1))
+    column = len(text.encode("utf-8")[:offset - 1].decode("utf-8", "ignore")) + 1
+    quoted = text.strip()
+    if len(quoted) > _QUOTED_LINE_CHARS:  # a window around the column
+        start = max(0, min(column - 1 - (len(text) - len(text.lstrip())) - _QUOTED_LINE_CHARS // 2,
+                           len(quoted) - _QUOTED_LINE_CHARS))
+        end = start + _QUOTED_LINE_CHARS
+        quoted = ("…" if start else "") + quoted[start:end] + ("…" if end < len(quoted) else "")
+    where = f"line {lineno}, column {column}" + (f" (`{quoted}`)" if quoted else "")
+    fix = "fix that line and run the cell again"
+    if text.lstrip()[:1] in ("%", "!"):
+        fix = ("IPython syntax such as %magics and !shell commands does not work there: run it in a cell of its "
+               "own, or use subprocess inside the cell")
+    end_mark = "" if reason[-1:] in "?!" else "."
+    return (f"The %%train cell is not valid Python: {where}: {reason}{end_mark} Each worker runs the cell as a "
+            f"standalone Python script (line 1 is the first line below %%train), so nothing was started: {fix}.")
+
+
+def _position(code: str, index: int) -> tuple[int, int]:
+    """1-based line and column of ``code[index]``, counting lines as Python does (\\n, \\r\\n, \\r)."""
+    before = code[:index].replace("\r\n", "\n").replace("\r", "\n")
+    return before.count("\n") + 1, len(before) - (before.rfind("\n") + 1) + 1

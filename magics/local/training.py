@@ -92,7 +92,7 @@ class LocalTraining(TrainingBackend):
                          run_id=run.info.run_id, experiment_id=experiment_id,
                          experiment_name=experiment_name)
         try:
-            (job_dir / "train.py").write_text(spec.code)
+            (job_dir / "train.py").write_text(spec.code, encoding="utf-8")  # as validate() compiled it
             _write_json(job_dir / "spec.json", spec.to_dict())
             _write_json(job_dir / "launch.json", launch)
             _write_json(job_dir / "status.json", status.to_dict())

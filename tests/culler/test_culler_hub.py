@@ -139,6 +139,52 @@ async def test_decisions_server_by_server(jupyterhub_factory, prometheus_factory
     culler.hub.close()
 
 
+async def test_gpu_server_is_kept_for_idle_timeout_after_its_last_busy_sample(
+        jupyterhub_factory, prometheus_factory, tmp_path):
+    """README rule 3 at scaled time (1 s stands for ~7.5 min): a run that ends with the
+    user long gone keeps its server for the 8 s idle_timeout after its last busy DCGM
+    sample in Prometheus — not for the 3 s GPU-idle window, after which that sample
+    has left the window — and a culler restarted in between keeps it as long."""
+    env = start_env(jupyterhub_factory, tmp_path)
+    hub, fleet = env.hub, env.fleet
+    prom = prometheus_factory([fleet.metrics_target], scrape_interval="1s")
+    profiles = "--profiles=" + json.dumps({"train": {"idle_timeout": "8s", "gpu": 1}})
+    t0 = now()
+    hub.start_server("tina", "", {"profile": "train"})
+    fleet.set_server("tina", "", kernels=[kernel("k", "idle", t0)])  # the run is a background job
+    fleet.set_gpu(NAMESPACE, "jupyter-tina", [90, 0])
+    prom.wait_for('DCGM_FI_DEV_GPU_UTIL{pod="jupyter-tina"} > 0', timeout=30)
+    await asyncio.sleep(9 - (now() - t0).total_seconds())  # the run goes on; nobody touches the server
+    _, culler = make_culler(env, profiles, f"--prometheus-url={prom.url}")
+    r = await culler.run_pass()
+    assert decisions(r) == {"tina": ("keep", "active")}  # the hub's activity is past 8 s: the GPU keeps it
+    assert (now() - r.decision_for("tina").idle_since).total_seconds() < 2.5
+    fleet.set_gpu(NAMESPACE, "jupyter-tina", [0, 0])  # the run ends
+    ended = now()
+    seen: list[tuple[float, str, str, datetime | None]] = []
+    restarted = False
+    while (now() - ended).total_seconds() < 14:
+        if not restarted and (now() - ended).total_seconds() > 5:  # the window has forgotten the run
+            culler.hub.close()
+            _, culler = make_culler(env, profiles, f"--prometheus-url={prom.url}")  # a restart: no memory
+            restarted = True
+        r = await culler.run_pass()
+        d = r.decision_for("tina")
+        seen.append(((now() - ended).total_seconds(), d.action.value, d.reason, d.idle_since))
+        if d.action == Action.CULL:
+            break
+        await asyncio.sleep(0.5)
+    culler.hub.close()
+    after, action, reason, idle_since = seen[-1]
+    assert (action, reason) == ("cull", "idle"), seen
+    assert after >= 8 - 1.5, seen  # not before idle_timeout after the last busy sample, which is
+    # the one scraped at most 1 s before the end, at most 1 s later at the query's step
+    assert abs((idle_since - ended).total_seconds()) <= 1.5, seen
+    assert all(a == "keep" for _, a, _, _ in seen[:-1]), seen
+    assert any(t > 5 for t, _, _, _ in seen[:-1]), seen  # the restarted culler kept it too
+    assert "" not in hub.servers("tina")
+
+
 async def test_grace_period_warns_and_activity_cancels(jupyterhub_factory, tmp_path):
     env = start_env(jupyterhub_factory, tmp_path)
     hub = env.hub

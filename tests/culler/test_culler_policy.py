@@ -10,6 +10,7 @@ import pytest
 from hubml.culler.catalogue import CatalogueError, parse_profiles
 from hubml.culler.policy import (
     Action,
+    Decision,
     GpuReading,
     GraceState,
     Kernel,
@@ -17,6 +18,7 @@ from hubml.culler.policy import (
     ProfilePolicy,
     ServerSnapshot,
     decide,
+    gpu_lookback,
     reconfirm,
     track_attention,
     track_kernels,
@@ -122,6 +124,86 @@ def test_gpu_activity_keeps_server_without_kernels():
     s = snap(profile="a100", last_activity=NOW - 60 * MIN, gpu=gpu([0] * 25 + [90] * 7))
     d = decide(s, CFG, None, NOW)
     assert d.action == Action.KEEP and d.idle_since > NOW - 2 * MIN
+
+
+def _replay_after_training(scale: float, kernel_state: str) -> tuple[list[tuple[datetime, Decision]], datetime]:
+    """Passes every (scaled) minute over a GPU server whose training run ends at ``end``.
+
+    The reading is what a source answers (Prometheus in the culler): samples over
+    the GPU-idle window and the last busy step over :func:`gpu_lookback`. The
+    server: a 1 h ``idle_timeout`` profile, started 3 h before, the user last seen
+    when the run started (2 h before ``end``); the kernel idle since then (the
+    run was a background job) or busy and unattended (a loop left running).
+    """
+    minute = timedelta(seconds=60 * scale)
+    cfg = PolicyConfig(default=ProfilePolicy(idle_timeout=3600 * scale),
+                       profiles={"a100-1h": ProfilePolicy(idle_timeout=3600 * scale, gpus=1)},
+                       gpu_idle_window=1800 * scale, grace_period=600 * scale)
+    end = NOW
+    start = end - 120 * minute
+
+    def util(t: datetime) -> float:
+        return 90.0 if start <= t <= end else 0.0
+
+    def reading(now: datetime) -> GpuReading:
+        window = [now - (30 - i) * minute for i in range(31)]  # 30 min at 1 min steps
+        steps = (now - i * minute for i in range(round(gpu_lookback(cfg) / (60 * scale)) + 1))
+        return GpuReading(ok=True, samples=tuple((t, util(t)) for t in window),
+                          last_busy=next((t for t in steps if util(t) > cfg.gpu_idle_threshold), None))
+
+    kernel = Kernel("k1", kernel_state, start, busy_since=start if kernel_state == "busy" else None)
+    server = snap(profile="a100-1h", started=start - 60 * minute, last_activity=start, kernels=(kernel,),
+                  unattended_since=start)
+    actions, grace = [], None
+    for i in range(-5, 95):
+        now = end + i * minute
+        d = decide(replace(server, gpu=reading(now)), cfg, grace, now, gpu_step=60 * scale)
+        grace = d.grace
+        actions.append((now, d))
+        if d.action == Action.CULL:
+            break
+    return actions, end
+
+
+@pytest.mark.parametrize("kernel_state", ["idle", "busy"])
+@pytest.mark.parametrize("scale", [1, 1 / 3600], ids=["minutes", "hour-per-second"])
+def test_gpu_server_is_kept_for_idle_timeout_after_its_last_busy_sample(scale, kernel_state):
+    """README rule 3: the last busy GPU sample is activity even once it is older than the
+    GPU-idle window, so a run that ended is not culled after window + grace (40 min)."""
+    decisions, end = _replay_after_training(scale, kernel_state)
+    timeout, grace, minute = (timedelta(seconds=s * scale) for s in (3600, 600, 60))
+    warned = [t for t, d in decisions if d.action == Action.WARN]
+    assert warned, decisions
+    assert all(d.action == Action.KEEP for t, d in decisions if t < warned[0])
+    assert end + timeout <= warned[0] <= end + timeout + minute  # idle_timeout after the last busy sample
+    culled_at, cull = decisions[-1]
+    assert cull.action == Action.CULL and warned[0] + grace <= culled_at <= warned[0] + grace + minute
+    assert abs(cull.idle_since - end) <= minute  # idle since the run's end, not since the user left
+
+
+def test_gpu_lookback_covers_the_longest_gpu_idle_timeout_until_the_cull():
+    cfg = replace(CFG, profiles={**CFG.profiles, "h100": ProfilePolicy(idle_timeout=4 * 3600, gpus=8)},
+                  grace_period=600)
+    # CPU profiles' timeouts do not count (aged, default: 1 h); + grace + one window
+    assert gpu_lookback(cfg) == 4 * 3600 + 600 + 1800
+    assert gpu_lookback(CFG) == 1800 + 1800
+    assert gpu_lookback(replace(CFG, profiles={})) == 1800  # no GPU profile: the window
+
+
+def test_busy_sample_before_the_window_counts_as_activity_not_as_use_in_the_window():
+    busy_before = replace(gpu([0] * 32), last_busy=NOW - 50 * MIN)
+    s = snap(profile="a100", last_activity=NOW - 90 * MIN, gpu=busy_before)
+    d = decide(s, CFG, None, NOW)
+    assert (d.action, d.reason, d.idle_since) == (Action.CULL, "idle", NOW - 50 * MIN)  # 50 min > 30 min
+    d = decide(replace(s, gpu=replace(busy_before, last_busy=NOW - 20 * MIN)), CFG, None, NOW)
+    assert (d.action, d.idle_since) == (Action.KEEP, NOW - 20 * MIN)
+    # the forgotten loop still needs the window idle: a busy sample inside it is use
+    loop = snap(profile="a100", last_activity=NOW - MIN, kernels=(busy_kernel(NOW - 40 * MIN),),
+                unattended_since=NOW - 45 * MIN)
+    assert decide(replace(loop, gpu=replace(busy_before, last_busy=NOW - 10 * MIN)), CFG, None, NOW).reason \
+        == "kernel-busy"
+    assert decide(replace(loop, gpu=replace(busy_before, last_busy=NOW + 5 * MIN)), CFG, None, NOW).reason \
+        == "timestamps-in-future"
 
 
 @pytest.mark.parametrize(

@@ -39,6 +39,44 @@ def test_bad_train_specs_are_refused_with_a_paragraph(fields, needle):
     assert "\n" not in message.strip()
 
 
+#: cells that compile only if a worker would start them: (code, fragments of the one-paragraph refusal)
+SYNTAX_ERRORS = [
+    ("import os\nfor i in range(3)\n    print(i)\n", ["line 2, column 18 (`for i in range(3)`)", "expected ':'",
+                                                   "fix that line"]),
+    ("x = (1,\ny = 2\n", ["line 1, column 5 (`x = (1,`)", "'(' was never closed"]),
+    ("for i in x:\nprint(i)\n", ["line 2, column 1", "expected an indented block after 'for' statement on line 1"]),
+    ("import os\n%pip install torch\n", ["line 2, column 1 (`%pip install torch`)", "%magics and !shell"]),
+    ("!nvidia-smi\n", ["line 1, column 1", "%magics and !shell"]),
+    ("s = 'é' +\n", ["line 1, column 10"]),  # characters, not UTF-8 bytes
+    ("return 5\n", ["line 1, column 1 (`return 5`)", "'return' outside function"]),  # the compiler's own check
+    ("def f(a, a):\n    pass\n", ["line 1, column 10", "duplicate argument 'a'"]),
+    ("# coding: ascii\ns = 'é'\n", ["cannot be read as Python", "'# coding: utf-8'"]),  # as the worker reads it
+    ("a = 1\r\nb = 2\x00\n", ["line 2, column 6 holds a NUL character"]),
+    ("a = '\ud800'\n", ["U+D800 at line 1, column 6"]),
+    ("x = " + "-" * 100_000 + "1\n", ["nests expressions too deeply"]),
+    ("x = " + "1 + " * 150 + "\n", ["line 1, column 605 (`… 1 + 1", "1 + 1 +`): invalid syntax."]),  # a window
+    ("print(1 2)\n", ["invalid syntax. Perhaps you forgot a comma? Each worker"]),
+]
+
+
+@pytest.mark.parametrize("code,fragments", SYNTAX_ERRORS)
+def test_code_that_would_not_compile_in_a_worker_is_refused_with_where_and_why(code, fragments):
+    with pytest.raises(InvalidRequest) as info:
+        TrainSpec(code=code).validate()
+    message = str(info.value)
+    assert all(fragment in message for fragment in fragments), message
+    assert "\n" not in message and len(message) < 600
+
+
+@pytest.mark.parametrize("code", [
+    "\ufeffprint(1)\n",                   # a byte order mark is read as one by the interpreter
+    "assert (1, 'always true')\n",         # a SyntaxWarning only warns in the worker
+    "import torch\nx = undefined_name\n",  # a NameError is the worker's business, not the compiler's
+])
+def test_code_the_interpreter_accepts_is_not_refused(code):
+    assert TrainSpec(code=code).validate().code == code
+
+
 def test_good_spec_round_trips_through_json_dict():
     spec = TrainSpec(code="print(1)", workers=4, gpus_per_worker=1, profile="a100",
                      experiment="iris", env={"LR": "0.1"}, timeout=60.0).validate()

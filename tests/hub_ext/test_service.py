@@ -101,6 +101,27 @@ async def test_bad_job_requests_are_refused_and_create_nothing(hub_service, raw,
                                        labels={objects.LABEL_USER: "carol"}) == []
 
 
+async def test_cell_with_a_syntax_error_is_refused_before_any_object_or_run(hub_service, mlflow_server):
+    from uuid import uuid4
+
+    from mlflow import MlflowClient
+    from mlflow.entities import ViewType
+
+    experiment, run_name = f"syntax-{uuid4().hex[:8]}", f"typo-{uuid4().hex[:8]}"
+    body = {"code": "import torch\nfor step in range(3)\n    print(step)\n", "workers": 2,
+            "experiment": experiment, "run_name": run_name}
+    status, answer = hub_service.call("POST", "/jobs", body, user="carol")
+    assert status == 400, answer
+    assert ("not valid Python: line 2, column 21 (`for step in range(3)`): expected ':'. Each worker runs the cell "
+            "as a standalone Python script") in answer["error"]
+    for res in (k.JOB, k.CONFIG_MAP, k.SERVICE, k.NETWORK_POLICY, k.POD):
+        assert await hub_service.kube.list(res, hub_service.namespace, labels={objects.LABEL_USER: "carol"}) == []
+    client = MlflowClient(mlflow_server.url)
+    assert client.get_experiment_by_name(experiment) is None
+    every = [e.experiment_id for e in client.search_experiments(view_type=ViewType.ALL)]
+    assert client.search_runs(every, f"attributes.run_name = '{run_name}'", run_view_type=ViewType.ALL) == []
+
+
 async def test_job_lifecycle_failure_and_isolation(hub_service):
     svc = hub_service
     status, job = svc.call("POST", "/jobs", {"code": CODE, "workers": 3, "env": {"LR": "0.1"},

@@ -47,6 +47,11 @@ CORPUS = [
     ("%train_cancel", "the following arguments are required: JOB"),
     ("%jobs --all", "unrecognized arguments: --all"),
     ("%%train --run-name 'unclosed" + CELL, "check the quotes"),
+    # refused before any worker starts: where, the line, Python's reason and the fix
+    ("%%train --workers 2\nimport os\nfor i in range(3)\n    print(i)\n",
+     "not valid Python: line 2, column 18 (`for i in range(3)`): expected ':'. Each worker runs the cell as a "
+     "standalone Python script (line 1 is the first line below %%train), so nothing was started: fix that line"),
+    ("%%train\n!pip install torch\n" + QUICK_CELL, "line 1, column 1 (`!pip install torch`): invalid syntax"),
 ]
 
 
