@@ -29,6 +29,7 @@ from typing import Any
 from hubml.errors import Forbidden, InvalidRequest, NotFound
 from hubml.jobs import JobState, JobStatus, TrainSpec, WorkerStatus
 from hubml.models import DeploySpec
+from hubml.pod_resources import pod_resources
 from hubml.profiles import Catalogue, Profile, UnknownProfileError
 
 from . import objects
@@ -119,35 +120,6 @@ def choose_image(policy: Policy, profile: Profile | None, requested: str | None)
     )
 
 
-def _quantity_cpu(cores: float) -> str:
-    milli = int(round(cores * 1000))
-    return str(milli // 1000) if milli % 1000 == 0 else f"{milli}m"
-
-
-def profile_resources(profile: Profile | None, gpus: int) -> dict[str, dict[str, str]]:
-    """requests/limits for one pod: the profile's CPU and memory, ``gpus`` of its GPU resource."""
-    requests: dict[str, str] = {}
-    limits: dict[str, str] = {}
-    if profile is not None:
-        if profile.cpu is not None:
-            requests["cpu"] = _quantity_cpu(profile.cpu)
-        if (profile.cpu_limit or profile.cpu) is not None:
-            limits["cpu"] = _quantity_cpu(profile.cpu_limit or profile.cpu)
-        if profile.memory_bytes is not None:
-            requests["memory"] = str(profile.memory_bytes)
-        if (profile.memory_limit_bytes or profile.memory_bytes) is not None:
-            limits["memory"] = str(profile.memory_limit_bytes or profile.memory_bytes)
-        if profile.gpu and gpus:
-            requests[profile.gpu.resource] = str(gpus)
-            limits[profile.gpu.resource] = str(gpus)
-    out: dict[str, dict[str, str]] = {}
-    if requests:
-        out["requests"] = requests
-    if limits:
-        out["limits"] = limits
-    return out
-
-
 def gpus_for(profile: Profile | None, asked: int) -> int:
     """GPUs (or MIG slices/shares) each worker gets: what was asked, at most what the profile holds.
 
@@ -216,14 +188,15 @@ def plan_training(policy: Policy, caller: Caller, spec: TrainSpec, *, job_id: st
     record = {**record, "gpus_per_worker": gpus, "profile": profile.name if profile else None}
     annotations = dict(profile.pod_annotations()) if profile else {}
     annotations.update(extra_pod_annotations or {})
+    resources = pod_resources(profile, gpus)
     plan = objects.TrainingPlan(
         job_id=job_id, namespace=policy.namespace, username=caller.name, image=chosen, code=spec.code,
         workers=spec.workers, nproc_per_node=max(gpus, 1) if not (profile and profile.gpu and profile.gpu.shared) else 1,
-        resources=profile_resources(profile, gpus),
+        resources=resources.kubernetes(),
         node_selector=profile.node_selector() if profile else {},
         node_affinity=profile.node_affinity() if profile else [],
         tolerations=profile.tolerations() if profile else [],
-        env=dict(spec.env), system_env={**mlflow_env, "HUBML_JOB_ID": job_id},
+        env=dict(spec.env), system_env={**resources.env, **mlflow_env, "HUBML_JOB_ID": job_id},
         pod_labels=profile.pod_labels() if profile else {},
         pod_annotations=annotations,
         record=record, backoff_limit=policy.backoff_limit,
@@ -257,16 +230,16 @@ def plan_serving(policy: Policy, caller: Caller, spec: DeploySpec, *, version: i
             f"{policy.max_deployments_per_user}. Remove one with %undeploy first."
         )
     profile = resolve_profile(policy, caller, spec.profile)
-    gpus = profile.gpu.count if profile is not None and profile.gpu else 0
+    resources = pod_resources(profile)
     plan = objects.ServingPlan(
         name=spec.name, namespace=policy.namespace, username=caller.name, model=str(spec.model),
         model_name=spec.model.name, version=version, storage_uri=storage_uri, image=policy.serving_image,
         min_replicas=spec.min_replicas, max_replicas=max(spec.max_replicas, 1), canary_percent=spec.canary_percent,
-        resources=profile_resources(profile, gpus),
+        resources=resources.kubernetes(),
         node_selector=profile.node_selector() if profile else {},
         node_affinity=profile.node_affinity() if profile else [],
         tolerations=profile.tolerations() if profile else [],
-        pod_labels=profile.pod_labels() if profile else {}, env=dict(env), created=time.time(),
+        pod_labels=profile.pod_labels() if profile else {}, env={**resources.env, **env}, created=time.time(),
     )
     return plan.validate()
 

@@ -37,6 +37,9 @@ RESERVED_ENV = frozenset({
     "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK",
     "ROLE_WORLD_SIZE", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID",
     "MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "HUBML_JOB_ID",
+    # which GPUs a container sees: the device plugin's for GPU profiles, "void" for
+    # the rest (hubml.pod_resources); a user's value would expose the node's GPUs
+    "NVIDIA_VISIBLE_DEVICES",
 })
 
 

@@ -10,7 +10,9 @@ One :class:`hubml.profiles.Profile` becomes one KubeSpawner profile dict whose
   (the GFD product label), ``tolerations`` (the GPU taint) — both list settings are
   *extended*, not replaced, by :mod:`hubml.spawner.merges` at load time;
 - ``extra_labels`` / ``extra_annotations``: ``hubml.io/profile`` & co;
-- ``cpu_guarantee``/``cpu_limit``/``mem_guarantee``/``mem_limit``;
+- ``cpu_guarantee``/``cpu_limit``/``mem_guarantee``/``mem_limit`` and, for CPU
+  profiles, ``environment: {NVIDIA_VISIBLE_DEVICES: void}`` (one rule with the
+  hub service's pods: :mod:`hubml.pod_resources`);
 - image choices as ``profile_options["image"]`` (and an ``unlisted_choice`` with an
   anchored ``validation_regex`` when ``custom_image`` is set).
 
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from hubml.pod_resources import pod_resources
 from hubml.profiles import Catalogue, Profile
 
 #: KubeSpawner's option name for image choices.
@@ -29,22 +32,29 @@ IMAGE_OPTION = "image"
 
 
 def profile_override(profile: Profile) -> dict[str, Any]:
-    """The ``kubespawner_override`` for one profile (profile's own overrides last)."""
+    """The ``kubespawner_override`` for one profile (profile's own overrides last).
+
+    Resources come from :func:`hubml.pod_resources.pod_resources`, the rule the hub
+    service's pods follow too. ``environment`` is a dict trait, which KubeSpawner
+    merges into the base configuration, so ``NVIDIA_VISIBLE_DEVICES=void`` for a
+    CPU profile adds to the admin's environment; a profile's own ``environment``
+    override is merged over it rather than replacing it.
+    """
     o: dict[str, Any] = {}
-    res = {k: str(v) for k, v in profile.resources().items()}
-    if res:
-        o["extra_resource_guarantees"] = dict(res)
-        o["extra_resource_limits"] = dict(res)
-    if profile.cpu is not None:
-        o["cpu_guarantee"] = profile.cpu
-        o["cpu_limit"] = profile.cpu_limit if profile.cpu_limit is not None else profile.cpu
-    elif profile.cpu_limit is not None:
-        o["cpu_limit"] = profile.cpu_limit
-    if profile.memory_bytes is not None:
-        o["mem_guarantee"] = profile.memory_bytes
-        o["mem_limit"] = profile.memory_limit_bytes or profile.memory_bytes
-    elif profile.memory_limit_bytes is not None:
-        o["mem_limit"] = profile.memory_limit_bytes
+    res = pod_resources(profile)
+    if res.extended:
+        o["extra_resource_guarantees"] = {k: str(v) for k, v in res.extended.items()}
+        o["extra_resource_limits"] = {k: str(v) for k, v in res.extended.items()}
+    if res.cpu_request is not None:
+        o["cpu_guarantee"] = res.cpu_request
+    if res.cpu_limit is not None:
+        o["cpu_limit"] = res.cpu_limit
+    if res.memory_request is not None:
+        o["mem_guarantee"] = res.memory_request
+    if res.memory_limit is not None:
+        o["mem_limit"] = res.memory_limit
+    if res.env:
+        o["environment"] = dict(res.env)
     sel = profile.node_selector()
     if sel:
         o["node_selector"] = sel
@@ -57,6 +67,8 @@ def profile_override(profile: Profile) -> dict[str, Any]:
     o["extra_labels"] = profile.pod_labels()
     o["extra_annotations"] = profile.pod_annotations()
     for k, v in profile.kubespawner_override.items():
+        if k == "environment" and isinstance(v, dict) and k in o:
+            v = {**o[k], **v}
         o[k] = v
     return o
 

@@ -44,6 +44,7 @@ def test_indexed_job_shape(policy):
     assert env["LR"]["value"] == "0.1" and env["MLFLOW_RUN_ID"]["value"] == "abc"
     assert env["HUBML_JOB_ID"]["value"] == "train-0123456789"
     assert c["resources"]["limits"]["nvidia.com/gpu"] == "2" and c["resources"]["requests"]["cpu"] == "4"
+    assert "NVIDIA_VISIBLE_DEVICES" not in env  # the device plugin sets it for the GPUs it gives
     assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
     labels = job["metadata"]["labels"]
     assert labels[objects.LABEL_USER] == "alice" and labels[objects.LABEL_KIND] == "training"
@@ -52,6 +53,19 @@ def test_indexed_job_shape(policy):
     assert tpl_labels[objects.LABEL_JOB] == "train-0123456789" and tpl_labels["hubml.io/profile"] == "a100"
     record = json.loads(job["metadata"]["annotations"][objects.ANNOTATION_SPEC])
     assert record["gpus_per_worker"] == 2 and record["profile"] == "a100"
+
+
+@pytest.mark.parametrize("profile", [None, "cpu"])
+def test_cpu_workers_and_model_servers_see_no_gpu(policy, profile):
+    job = objects.indexed_job(_plan(policy, workers=2, profile=profile))
+    env = {e["name"]: e.get("value") for e in job["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["NVIDIA_VISIBLE_DEVICES"] == "void"
+    assert not any(k.startswith("nvidia.com/") for k in job["spec"]["template"]["spec"]["containers"][0]
+                   ["resources"].get("limits", {}))
+    plan = pol.plan_serving(policy, ALICE, DeploySpec(name="clf", model=ModelRef.parse("m/1"), profile=profile),
+                            version=1, storage_uri="models:/m/1", kserve=False, env={"MLFLOW_TRACKING_URI": "http://m"})
+    served = objects.scoring_deployment(plan)["spec"]["template"]["spec"]["containers"][0]
+    assert {e["name"]: e["value"] for e in served["env"]}["NVIDIA_VISIBLE_DEVICES"] == "void"
 
 
 def test_dependants_are_owned_and_scoped(policy):

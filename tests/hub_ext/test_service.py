@@ -137,6 +137,7 @@ async def test_job_lifecycle_failure_and_isolation(hub_service):
     assert cmd[cmd.index("--rdzv-endpoint") + 1] == f"{job_id}-0.{job_id}:29400"
     env = {e["name"]: e.get("value") for e in kjob["spec"]["template"]["spec"]["containers"][0]["env"]}
     assert env["MLFLOW_RUN_ID"] == job["run_id"] and env["LR"] == "0.1"
+    assert env["NVIDIA_VISIBLE_DEVICES"] == "void"  # a CPU job sees none of a GPU node's devices
     uid = kjob["metadata"]["uid"]
     for res, name in ((k.SERVICE, job_id), (k.CONFIG_MAP, f"{job_id}-code"), (k.NETWORK_POLICY, job_id)):
         obj = await svc.kube.get(res, svc.namespace, name)
@@ -148,6 +149,8 @@ async def test_job_lifecycle_failure_and_isolation(hub_service):
     pods = await _wait_running(svc, job_id, 3)
     assert sorted(p["spec"]["hostname"] for p in pods) == [f"{job_id}-{i}" for i in range(3)]
     assert all(p["spec"]["subdomain"] == job_id for p in pods)
+    assert all({e["name"]: e.get("value") for e in p["spec"]["containers"][0]["env"]}["NVIDIA_VISIBLE_DEVICES"]
+               == "void" for p in pods)
     await wait_job_state(svc, job_id, "running")
 
     # another user sees nothing of it

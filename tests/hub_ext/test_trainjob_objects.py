@@ -68,7 +68,8 @@ def test_shape_of_a_cpu_trainjob(pinned_policy):
     assert trainer["resourcesPerNode"] == {"requests": {"cpu": "1", "memory": "1073741824"},
                                            "limits": {"cpu": "1", "memory": "1073741824"}}
     assert _env(tj) == {"LR": "0.1", "MLFLOW_TRACKING_URI": "http://mlflow.mlflow:5000", "MLFLOW_RUN_ID": "run-1",
-                        "MLFLOW_EXPERIMENT_ID": "7", "HUBML_JOB_ID": "train-0123456789", "PYTHONUNBUFFERED": "1"}
+                        "MLFLOW_EXPERIMENT_ID": "7", "HUBML_JOB_ID": "train-0123456789", "PYTHONUNBUFFERED": "1",
+                        "NVIDIA_VISIBLE_DEVICES": "void"}
     # labels and annotations for the JobSet and its Jobs: owner + profile
     assert spec["labels"]["hubml.io/user"] == "alice" and spec["labels"]["hubml.io/profile"] == "cpu"
     assert spec["annotations"]["hubml.io/username"] == "alice"

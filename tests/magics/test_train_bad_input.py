@@ -26,6 +26,7 @@ CORPUS = [
     ("%%train --profile Bad_Name!" + CELL, "'Bad_Name!' is not a valid name"),
     ("%%train --env RANK=3" + CELL, "--env RANK is set by hubml or by torch.distributed.run"),
     ("%%train --env MLFLOW_RUN_ID=abc" + CELL, "--env MLFLOW_RUN_ID is set by hubml"),
+    ("%%train --env NVIDIA_VISIBLE_DEVICES=all" + CELL, "--env NVIDIA_VISIBLE_DEVICES is set by hubml"),
     ("%%train --env NOEQUALS" + CELL, "--env expects KEY=VALUE, got 'NOEQUALS'"),
     ("%%train --env 1BAD=x" + CELL, "'1BAD' is not a valid environment variable name"),
     ("%%train --env A=1 --env A=2" + CELL, "--env A is given twice"),

@@ -51,6 +51,9 @@ def test_profile_lands_on_matching_node_with_exact_pod_spec(profile, kube_cluste
         spec, meta = pod["spec"], pod["metadata"]
         assert spec["nodeName"] in nodes
         res = spec["containers"][0]["resources"]
+        env = {e["name"]: e.get("value") for e in spec["containers"][0].get("env", [])}
+        # a CPU server on a GPU node must not see the node's devices (NVIDIA runtime: no limit = all GPUs)
+        assert env.get("NVIDIA_VISIBLE_DEVICES") == (None if resource else "void")
         if resource:
             assert res["limits"][resource] == "1" and res["requests"][resource] == "1"
             assert [t for t in spec["tolerations"] if t.get("key") in ("nvidia.com/gpu", "hub.jupyter.org/dedicated")] == [

@@ -57,6 +57,15 @@ def test_expansion_of_each_profile_kind():
     assert m["node_selector"] == {"nvidia.com/mig.strategy": "mixed"}
     c = by["cpu"]["kubespawner_override"]
     assert "tolerations" not in c and "extra_resource_limits" not in c and by["cpu"]["default"]
+    assert c["environment"] == {"NVIDIA_VISIBLE_DEVICES": "void"}
+    assert not any("environment" in by[g]["kubespawner_override"] for g in ("a100", "mig-small", "t4-shared"))
+
+
+def test_cpu_profile_environment_merges_with_the_profiles_own():
+    cat = load_catalogue([{"name": "cpu", "cpu": 1, "memory": "1G",
+                           "kubespawner_override": {"environment": {"OMP_NUM_THREADS": "1"}}}])
+    o = expand_catalogue(cat)[0]["kubespawner_override"]
+    assert o["environment"] == {"NVIDIA_VISIBLE_DEVICES": "void", "OMP_NUM_THREADS": "1"}
 
 
 def test_tolerations_extend_base_and_do_not_duplicate():
