@@ -428,7 +428,7 @@ class TrainerRuntime:
         return self
 
 
-def trainjob_node_selector(plan: TrainingPlan) -> dict[str, str]:
+def trainjob_node_selector(node_selector: dict[str, str], node_affinity: list[dict[str, Any]]) -> dict[str, str]:
     """The profile's placement as the exact-match node selector a Trainer v2.0 override can carry.
 
     ``podSpecOverrides`` has ``nodeSelector`` and ``tolerations`` but no
@@ -439,8 +439,8 @@ def trainjob_node_selector(plan: TrainingPlan) -> dict[str, str]:
     a model (or a group-restricted pool) its profile does not give, so it is
     refused with what to change.
     """
-    selector = dict(plan.node_selector)
-    for expr in plan.node_affinity:
+    selector = dict(node_selector)
+    for expr in node_affinity:
         key, op, values = expr.get("key"), expr.get("operator"), list(expr.get("values") or ())
         if op == "In" and key in selector and selector[key] in values:
             continue
@@ -455,6 +455,24 @@ def trainjob_node_selector(plan: TrainingPlan) -> dict[str, str]:
         )
     _check_labels(selector, "node selector")
     return selector
+
+
+#: The Trainer's API caps ``trainer.env``.
+TRAINJOB_MAX_ENV = 128
+
+
+def trainjob_env_check(user_env: dict[str, str], system_names: tuple[str, ...]) -> None:
+    """Refuse ``--env`` a TrainJob cannot carry: the Torch runtime's ``PET_*`` names, or too many."""
+    reserved = sorted(name for name in user_env if name.startswith("PET_"))
+    if reserved:
+        raise InvalidRequest(
+            f"--env {', '.join(reserved)}: PET_* variables are set by the Kubeflow Trainer's Torch runtime "
+            f"(nodes, rank, master address) and cannot be given; remove them from --env."
+        )
+    total = len({*user_env, *system_names, "PYTHONUNBUFFERED"})
+    if total > TRAINJOB_MAX_ENV:
+        raise InvalidRequest(f"A TrainJob takes at most {TRAINJOB_MAX_ENV} environment variables; this job has "
+                             f"{total}. Pass fewer --env values.")
 
 
 def train_job(plan: TrainingPlan, runtime: TrainerRuntime = TrainerRuntime()) -> dict[str, Any]:
@@ -474,18 +492,10 @@ def train_job(plan: TrainingPlan, runtime: TrainerRuntime = TrainerRuntime()) ->
     """
     plan.validate()
     runtime.validate()
-    selector = trainjob_node_selector(plan)
-    reserved = sorted(name for name in plan.env if name.startswith("PET_"))
-    if reserved:
-        raise InvalidRequest(
-            f"--env {', '.join(reserved)}: PET_* variables are set by the Kubeflow Trainer's Torch runtime "
-            f"(nodes, rank, master address) and cannot be given; remove them from --env."
-        )
+    selector = trainjob_node_selector(plan.node_selector, plan.node_affinity)
+    trainjob_env_check(plan.env, tuple(plan.system_env))
     # one entry per name (the API keys the list by name): the service's variables win
     env = {**plan.env, **plan.system_env, "PYTHONUNBUFFERED": "1"}
-    if len(env) > 128:
-        raise InvalidRequest(f"A TrainJob takes at most 128 environment variables; this job has {len(env)}. "
-                             f"Pass fewer --env values.")
     trainer: dict[str, Any] = {
         "image": plan.image,
         "command": [plan.python, "-m", "torch.distributed.run", f"{CODE_MOUNT}/{CODE_FILE}"],

@@ -172,25 +172,54 @@ def check_quota(policy: Policy, caller: Caller, workers: int, units: int, active
         )
 
 
-# --------------------------------------------------------------------------- plans
+# --------------------------------------------------------------------------- admission
+#
+# Admission makes every refusal a request can get (400/403), with no I/O and
+# before anything exists; assembly turns what was admitted into a plan and has
+# nothing left to refuse. The services admit, then create what the plan needs
+# from outside (the MLflow run, the model version), then assemble once.
 
 
-def plan_training(policy: Policy, caller: Caller, spec: TrainSpec, *, job_id: str,
-                  mlflow_env: dict[str, str], record: dict[str, Any], image: str | None = None,
-                  active: list[JobStatus] = (), extra_pod_annotations: dict[str, str] | None = None
-                  ) -> objects.TrainingPlan:
-    """Turn a ``%%train`` request into the plan of its Kubernetes objects (or refuse it)."""
+@dataclass(frozen=True)
+class AdmittedTraining:
+    """A ``%%train`` request that passed every check, with what policy chose for it."""
+
+    spec: TrainSpec
+    profile: Profile | None
+    gpus: int
+    image: str
+
+
+#: The variables the service adds to every worker (values known only once the run exists).
+SYSTEM_ENV_NAMES = ("MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "HUBML_JOB_ID")
+
+
+def admit_training(policy: Policy, caller: Caller, spec: TrainSpec, *, image: str | None = None,
+                   active: list[JobStatus] = (), trainjob: bool = False) -> AdmittedTraining:
+    """Every refusal of a ``%%train`` request: spec, profile and groups, GPUs, quota, image, flavour."""
     spec.validate()
     profile = resolve_profile(policy, caller, spec.profile)
     gpus = gpus_for(profile, spec.gpus_per_worker)
     check_quota(policy, caller, spec.workers, gpu_units(profile, gpus, spec.workers), list(active))
-    chosen = choose_image(policy, profile, image)
+    admitted = AdmittedTraining(spec=spec, profile=profile, gpus=gpus, image=choose_image(policy, profile, image))
+    if trainjob:  # what a Kubeflow TrainJob cannot express
+        objects.trainjob_node_selector(profile.node_selector() if profile else {},
+                                       profile.node_affinity() if profile else [])
+        objects.trainjob_env_check(spec.env, (*SYSTEM_ENV_NAMES, *pod_resources(profile, gpus).env))
+    return admitted
+
+
+def assemble_training(policy: Policy, caller: Caller, admitted: AdmittedTraining, *, job_id: str,
+                      mlflow_env: dict[str, str], record: dict[str, Any],
+                      extra_pod_annotations: dict[str, str] | None = None) -> objects.TrainingPlan:
+    """The plan of an admitted job's Kubernetes objects, once its MLflow run exists."""
+    spec, profile, gpus = admitted.spec, admitted.profile, admitted.gpus
     record = {**record, "gpus_per_worker": gpus, "profile": profile.name if profile else None}
     annotations = dict(profile.pod_annotations()) if profile else {}
     annotations.update(extra_pod_annotations or {})
     resources = pod_resources(profile, gpus)
     plan = objects.TrainingPlan(
-        job_id=job_id, namespace=policy.namespace, username=caller.name, image=chosen, code=spec.code,
+        job_id=job_id, namespace=policy.namespace, username=caller.name, image=admitted.image, code=spec.code,
         workers=spec.workers, nproc_per_node=max(gpus, 1) if not (profile and profile.gpu and profile.gpu.shared) else 1,
         resources=resources.kubernetes(),
         node_selector=profile.node_selector() if profile else {},
@@ -204,15 +233,35 @@ def plan_training(policy: Policy, caller: Caller, spec: TrainSpec, *, job_id: st
         active_deadline_seconds=int(spec.timeout) if spec.timeout else None,
         python=policy.python,
     )
-    return plan.validate()
+    return plan.validate()  # an invariant by now: every field was admitted or comes from configuration
+
+
+def plan_training(policy: Policy, caller: Caller, spec: TrainSpec, *, job_id: str,
+                  mlflow_env: dict[str, str], record: dict[str, Any], image: str | None = None,
+                  active: list[JobStatus] = (), extra_pod_annotations: dict[str, str] | None = None
+                  ) -> objects.TrainingPlan:
+    """Admission and assembly in one step, for callers that have the run already (tests, benchmarks)."""
+    admitted = admit_training(policy, caller, spec, image=image, active=active)
+    return assemble_training(policy, caller, admitted, job_id=job_id, mlflow_env=mlflow_env, record=record,
+                             extra_pod_annotations=extra_pod_annotations)
 
 
 #: KServe derives "<name>-predictor-..." object and host names; keep room for them.
 MAX_KSERVE_NAME = 45
 
 
-def plan_serving(policy: Policy, caller: Caller, spec: DeploySpec, *, version: int, storage_uri: str,
-                 kserve: bool, env: dict[str, str], existing: list[str] = ()) -> objects.ServingPlan:
+@dataclass(frozen=True)
+class AdmittedServing:
+    """A ``%deploy`` request that passed every check, with its profile."""
+
+    spec: DeploySpec
+    profile: Profile | None
+    kserve: bool
+
+
+def admit_serving(policy: Policy, caller: Caller, spec: DeploySpec, *, kserve: bool,
+                  existing: list[str] = ()) -> AdmittedServing:
+    """Every refusal of a ``%deploy`` request that needs no registry: name, canary, quota, profile."""
     spec.validate()
     if kserve and len(spec.name) > MAX_KSERVE_NAME:
         raise InvalidRequest(
@@ -229,7 +278,13 @@ def plan_serving(policy: Policy, caller: Caller, spec: DeploySpec, *, version: i
             f"You already have {len(existing)} deployment(s) ({', '.join(existing)}); the limit is "
             f"{policy.max_deployments_per_user}. Remove one with %undeploy first."
         )
-    profile = resolve_profile(policy, caller, spec.profile)
+    return AdmittedServing(spec=spec, profile=resolve_profile(policy, caller, spec.profile), kserve=kserve)
+
+
+def assemble_serving(policy: Policy, caller: Caller, admitted: AdmittedServing, *, version: int,
+                     storage_uri: str, env: dict[str, str]) -> objects.ServingPlan:
+    """The plan of an admitted deployment, once the registry resolved the model version."""
+    spec, profile = admitted.spec, admitted.profile
     resources = pod_resources(profile)
     plan = objects.ServingPlan(
         name=spec.name, namespace=policy.namespace, username=caller.name, model=str(spec.model),
@@ -241,7 +296,14 @@ def plan_serving(policy: Policy, caller: Caller, spec: DeploySpec, *, version: i
         tolerations=profile.tolerations() if profile else [],
         pod_labels=profile.pod_labels() if profile else {}, env={**resources.env, **env}, created=time.time(),
     )
-    return plan.validate()
+    return plan.validate()  # storage_uri comes from the registry: still checked before it reaches a pod
+
+
+def plan_serving(policy: Policy, caller: Caller, spec: DeploySpec, *, version: int, storage_uri: str,
+                 kserve: bool, env: dict[str, str], existing: list[str] = ()) -> objects.ServingPlan:
+    """Admission and assembly in one step, for callers that resolved the model already (tests)."""
+    admitted = admit_serving(policy, caller, spec, kserve=kserve, existing=existing)
+    return assemble_serving(policy, caller, admitted, version=version, storage_uri=storage_uri, env=env)
 
 
 # --------------------------------------------------------------------------- ownership

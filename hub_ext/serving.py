@@ -122,12 +122,11 @@ class Serving:
         if existing_obj is not None and not objects.owned_by(existing_obj, caller.name):
             raise Conflict(f"The deployment name {spec.name!r} is taken by another user; choose another --name.")
         mine = [o["metadata"]["name"] for o in await self._objects(caller)]
-        # policy first (cheap, no I/O), then the registry
-        pol.plan_serving(self.policy, caller, spec, version=1, storage_uri="models:/x/1", kserve=kserve,
-                         env={}, existing=mine)
+        # every refusal policy can make first (no I/O), then the registry, then the plan, once
+        admitted = pol.admit_serving(self.policy, caller, spec, kserve=kserve, existing=mine)
         version, uri = await asyncio.to_thread(self.registry.resolve, caller.name, spec.model)
-        plan = pol.plan_serving(self.policy, caller, spec, version=version, storage_uri=uri, kserve=kserve,
-                                env={"MLFLOW_TRACKING_URI": self.mlflow_pod_uri}, existing=mine)
+        plan = pol.assemble_serving(self.policy, caller, admitted, version=version, storage_uri=uri,
+                                    env={"MLFLOW_TRACKING_URI": self.mlflow_pod_uri})
         if kserve:
             isvc = objects.inference_service(plan)
             if existing_obj is not None and existing_obj.get("kind") == "InferenceService":
@@ -139,8 +138,6 @@ class Serving:
                     await self._delete_trio(caller, spec.name)
                 obj = await self.kube.create(isvc)
             return deployment_info(obj, self.endpoints)
-        if spec.canary_percent is not None:
-            raise InvalidRequest("--canary needs KServe, which this cluster does not have.")
         dep = objects.scoring_deployment(plan)
         if existing_obj is not None and existing_obj.get("kind") == "Deployment":
             obj = await self.kube.patch(k.DEPLOYMENT, self.ns, spec.name,

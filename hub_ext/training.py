@@ -133,29 +133,31 @@ class Training:
         active = [j for j in await self.list(caller) if not j.state.finished]
         record = {"workers": spec.workers, "experiment": spec.experiment, "run_name": spec.run_name,
                   "created": time.time()}
-        # refuse bad requests before anything exists (the run included)
-        first = pol.plan_training(self.policy, caller, spec, job_id=job_id, mlflow_env={}, record=record,
-                                  image=image, active=active)
         flavour = await self.resolved_flavour()
-        if flavour == "trainjob":
-            objects.train_job(first, self.trainer_runtime)  # what a TrainJob cannot express is refused here
+        # every refusal before anything exists (the run included); the plan is assembled once, below
+        admitted = pol.admit_training(self.policy, caller, spec, image=image, active=active,
+                                      trainjob=flavour == "trainjob")
         run = await asyncio.to_thread(self.registry.create_run, caller.name, job_id, spec.experiment, spec.run_name)
         record.update(run)
         env = {"MLFLOW_TRACKING_URI": self.mlflow_pod_uri, "MLFLOW_RUN_ID": run["run_id"],
                "MLFLOW_EXPERIMENT_ID": str(run["experiment_id"])}
-        plan = pol.plan_training(self.policy, caller, spec, job_id=job_id, mlflow_env=env, record=record,
-                                 image=image, active=active, extra_pod_annotations=self.extra_pod_annotations)
         res = {"pytorchjob": k.PYTORCH_JOB, "trainjob": k.TRAIN_JOB}.get(flavour, k.JOB)
-        if flavour == "trainjob":
-            manifest = objects.train_job(plan, self.trainer_runtime)
-            selector = objects.trainjob_pod_selector(job_id)
-        else:
-            manifest = objects.pytorch_job(plan) if flavour == "pytorchjob" else objects.indexed_job(plan)
-            selector = None
-        deps = [objects.code_config_map(plan),
-                objects.training_network_policy(plan, self.mlflow_egress, pod_selector=selector)]
-        if flavour == "job":
-            deps.append(objects.rendezvous_service(plan))
+        try:  # assembly refuses nothing; a bug here must still not leave the run open
+            plan = pol.assemble_training(self.policy, caller, admitted, job_id=job_id, mlflow_env=env,
+                                         record=record, extra_pod_annotations=self.extra_pod_annotations)
+            if flavour == "trainjob":
+                manifest = objects.train_job(plan, self.trainer_runtime)
+                selector = objects.trainjob_pod_selector(job_id)
+            else:
+                manifest = objects.pytorch_job(plan) if flavour == "pytorchjob" else objects.indexed_job(plan)
+                selector = None
+            deps = [objects.code_config_map(plan),
+                    objects.training_network_policy(plan, self.mlflow_egress, pod_selector=selector)]
+            if flavour == "job":
+                deps.append(objects.rendezvous_service(plan))
+        except BaseException:
+            await asyncio.to_thread(self.registry.end_run, run["run_id"], "FAILED")
+            raise
         made: list[dict[str, Any]] = []
         created = None
         try:

@@ -111,7 +111,7 @@ def test_single_valued_affinity_becomes_a_node_selector(pinned_policy):
 
     plan = replace(_plan(pinned_policy), node_affinity=[{"key": "topology.kubernetes.io/zone", "operator": "In",
                                                           "values": ["eu-west-1a"]}])
-    assert objects.trainjob_node_selector(plan) == {"topology.kubernetes.io/zone": "eu-west-1a"}
+    assert objects.trainjob_node_selector(plan.node_selector, plan.node_affinity) == {"topology.kubernetes.io/zone": "eu-west-1a"}
 
 
 def test_runtime_and_deadline_are_configurable(pinned_policy):
