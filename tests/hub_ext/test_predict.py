@@ -28,6 +28,7 @@ from hubml.errors import InvalidRequest
 from hubml.hub_ext import kube as k
 from hubml.hub_ext import objects
 from hubml.hub_ext.endpoints import DEFAULT_TEMPLATES, Endpoints, check_template
+from hubml import scoring
 from hubml.magics import hub
 from hubml.magics.local import model_server
 from hubml_testing.kube import wait_for
@@ -143,19 +144,17 @@ def _check_oip_request(body: dict[str, Any]) -> None:
 
 
 def test_v2_request_is_an_open_inference_protocol_request():
-    from hubml.scoring import scoring_payload
-
     import numpy as np
     import pandas as pd
 
     # rows: one FP64 tensor decoded by MLServer as a NumPy array (content_type np), shape preserved
-    body = hub._v2_request(scoring_payload([SETOSA, VIRGINICA]))
+    body = scoring.v2_request(scoring.scoring_payload([SETOSA, VIRGINICA]))
     _check_oip_request(body)
     assert body["parameters"] == {"content_type": "np"}
     (tensor,) = body["inputs"]
     assert tensor["shape"] == [2, 4] and tensor["datatype"] == "FP64"
     assert np.array(tensor["data"]).reshape(tensor["shape"]).tolist() == [SETOSA, VIRGINICA]
-    body = hub._v2_request(scoring_payload(np.arange(24).reshape(2, 3, 4)))
+    body = scoring.v2_request(scoring.scoring_payload(np.arange(24).reshape(2, 3, 4)))
     _check_oip_request(body)
     assert body["inputs"][0]["shape"] == [2, 3, 4] and body["inputs"][0]["datatype"] == "INT64"
     assert body["inputs"][0]["data"] == list(range(24))
@@ -163,7 +162,7 @@ def test_v2_request_is_an_open_inference_protocol_request():
     # named columns: one tensor per column, decoded by MLServer as a pandas DataFrame (content_type pd)
     frame = pd.DataFrame({"sl": [5.1, 6.7], "n": [1, 2], "ok": [True, False], "tag": ["a", "b"]})
     for data in (frame, frame.to_dict(orient="list"), frame.to_dict(orient="records")):
-        body = hub._v2_request(scoring_payload(data))
+        body = scoring.v2_request(scoring.scoring_payload(data))
         _check_oip_request(body)
         assert body["parameters"] == {"content_type": "pd"}
         assert [(t["name"], t["datatype"], t["shape"]) for t in body["inputs"]] == [
@@ -174,10 +173,10 @@ def test_v2_request_is_an_open_inference_protocol_request():
     # the response: one output's flat data back into rows; several by name
     answer = {"model_name": "iris", "outputs": [{"name": "output-1", "shape": [2, 1], "datatype": "INT64",
                                                  "data": [0, 2]}]}
-    assert hub._v2_outputs(answer) == [0, 2]  # as MLflow's /invocations answers for the same model
+    assert scoring.v2_outputs(answer) == [0, 2]  # as MLflow's /invocations answers for the same model
     answer["outputs"].append({"name": "proba", "shape": [2, 3], "datatype": "FP64",
                               "data": [0.9, 0.05, 0.05, 0.1, 0.1, 0.8]})
-    assert hub._v2_outputs(answer) == {"output-1": [0, 2], "proba": [[0.9, 0.05, 0.05], [0.1, 0.1, 0.8]]}
+    assert scoring.v2_outputs(answer) == {"output-1": [0, 2], "proba": [[0.9, 0.05, 0.05], [0.1, 0.1, 0.8]]}
 
 
 @pytest.mark.parametrize("data, fragment", [
@@ -187,10 +186,8 @@ def test_v2_request_is_an_open_inference_protocol_request():
     ({"a": [1.0, None]}, "one type per tensor"),
 ])
 def test_v2_request_refuses_what_the_protocol_cannot_carry(data, fragment):
-    from hubml.scoring import scoring_payload
-
     with pytest.raises(InvalidRequest, match=fragment):
-        hub._v2_request(scoring_payload(data))
+        scoring.v2_request(scoring.scoring_payload(data))
 
 
 # --------------------------------------------------------------------------- end to end
@@ -304,6 +301,8 @@ async def test_predict_from_a_kernel_reaches_the_real_scoring_server(stack, kube
             res = await asyncio.to_thread(alice.run, "%predict iris-dep [[1.0, 2.0]]")
             assert res.ename == "UsageError", res
             assert "Deployment 'iris-dep' refused the data (HTTP 400)" in res.evalue
+            assert "X has 2 features" in res.evalue, res.evalue  # the model's own cause, from the stack trace
+            assert "5.1" not in res.evalue, res.evalue           # no example rows of some other model
             assert "Traceback" not in res.error_text
             for bad, fragment in (("'just text'", "Cannot send a str"), ("[]", "The data to predict on is empty"),
                                   ("[[1e999, 0, 0, 0]]", "cannot be sent as JSON")):
