@@ -15,11 +15,11 @@ from typing import Any
 from hubml import names
 from hubml.errors import Conflict, InvalidRequest, NotFound
 from hubml.models import DeploySpec, DeploymentInfo, ModelRef
+from hubml.registry import Registry
 
 from . import kube as k
 from . import objects, policy as pol
 from .endpoints import Endpoints
-from .mlflow_registry import MlflowRegistry
 from .training import CrdCache
 
 _DEPLOY_FIELDS = {"model", "name", "profile", "min_replicas", "max_replicas", "canary_percent"}
@@ -69,7 +69,7 @@ def deployment_info(obj: dict[str, Any], endpoints: Endpoints = Endpoints()) -> 
 
 
 class Serving:
-    def __init__(self, kube: k.Kube, registry: MlflowRegistry, policy: pol.Policy, crds: CrdCache, *,
+    def __init__(self, kube: k.Kube, registry: Registry, policy: pol.Policy, crds: CrdCache, *,
                  flavour: str = "auto", mlflow_pod_uri: str, endpoints: Endpoints = Endpoints()) -> None:
         self.kube = kube
         self.registry = registry
@@ -125,7 +125,7 @@ class Serving:
         # policy first (cheap, no I/O), then the registry
         pol.plan_serving(self.policy, caller, spec, version=1, storage_uri="models:/x/1", kserve=kserve,
                          env={}, existing=mine)
-        version, uri = await asyncio.to_thread(self.registry.resolve, caller.name, spec.model)
+        version, uri = await asyncio.to_thread(self.registry.storage_uri, spec.model, caller.name)
         plan = pol.plan_serving(self.policy, caller, spec, version=version, storage_uri=uri, kserve=kserve,
                                 env={"MLFLOW_TRACKING_URI": self.mlflow_pod_uri}, existing=mine)
         if kserve:
