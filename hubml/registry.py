@@ -15,8 +15,9 @@ the hub service, which the user cannot impersonate), registered models carry
 
 The model source: MLflow 3 logs a model as a *logged model* with its own
 artifact location. A version is registered with that artifact location as
-``source`` and the logged model's id as ``model_id`` (the link MLflow's UI and
-``mv.model_id`` show). Not ``models:/<model_id>``: MLflow 3.17's SQL registry
+``source`` (and the logged model's id as ``model_id``), and the logged model is
+tagged ``mlflow.modelVersions`` with the version, the link ``mlflow.register_model``
+records and MLflow's UI shows. Not ``models:/<model_id>``: MLflow 3.17's SQL registry
 store resolves that URI through the process-global tracking URI
 (``MlflowClient()`` in ``SqlAlchemyStore.create_model_version``, an MLflow
 TODO), so from a client holding an explicit store URI it looks in the wrong
@@ -33,6 +34,7 @@ synchronous; the hub service calls it through ``asyncio.to_thread``.
 from __future__ import annotations
 
 import contextlib
+import json
 import re
 import tempfile
 from collections.abc import Callable
@@ -229,6 +231,8 @@ class Registry:
             mv = client.create_model_version(name=request.name, source=source, run_id=run.info.run_id,
                                              tags=request.tags or None, model_id=model_id)
             version = mv.version
+            if model_id:
+                self._link(model_id, request.name, mv.version)
             if request.alias:
                 client.set_registered_model_alias(request.name, request.alias, mv.version)
         except (MlflowException, OSError) as e:
@@ -243,6 +247,21 @@ class Registry:
             ) from None
         return ModelVersionInfo(name=request.name, version=int(mv.version), run_id=run.info.run_id, source=source,
                                 aliases=[request.alias] if request.alias else [], tags=dict(request.tags))
+
+    def _link(self, model_id: str, name: str, version: str | int) -> None:
+        """Record the version on its logged model (tag ``mlflow.modelVersions``), as ``mlflow.register_model`` does.
+
+        The tracking server records it itself; a client on a SQL store directly
+        does not, so it is done here, idempotently (an entry already there stays once).
+        """
+        from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS
+
+        entry = {"name": name, "version": str(version)}
+        existing = self.client.get_logged_model(model_id).tags.get(MLFLOW_MODEL_VERSIONS)
+        linked = json.loads(existing) if existing else []
+        if any(e.get("name") == name and str(e.get("version")) == str(version) for e in linked):
+            return
+        self.client.set_logged_model_tags(model_id, {MLFLOW_MODEL_VERSIONS: json.dumps([*linked, entry])})
 
     def _registered_models(self, owner: str | None) -> list:
         search = self.client.search_registered_models

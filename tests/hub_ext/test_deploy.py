@@ -4,6 +4,7 @@ CRD exists, the Deployment + Service + HPA trio where it does not, isolation bet
 from __future__ import annotations
 
 import asyncio
+import json
 
 import mlflow
 import mlflow.pyfunc
@@ -50,7 +51,8 @@ def test_register_and_list_models(hub_service, alice_model, mlflow_server):
                 if m.source_run_id == alice_model]
     version = client.get_model_version("hubext-iris", "1")
     assert body["source"] == version.source == logged.artifact_location
-    assert version.model_id == logged.model_id
+    links = json.loads(client.get_logged_model(logged.model_id).tags["mlflow.modelVersions"])
+    assert [str(v["version"]) for v in links if v["name"] == version.name] == [str(version.version)]
     status, models = svc.call("GET", "/models")
     assert status == 200 and [m["name"] for m in models] == ["hubext-iris"]
     assert models[0]["aliases"] == {"champion": 1}

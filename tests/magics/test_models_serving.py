@@ -119,7 +119,8 @@ def test_registered_source_is_the_logged_models_location_whatever_the_global_uri
                 if m.source_run_id == runs["v1"]]
     version = client.get_model_version("iris-source", str(info.version))
     assert info.source == version.source == logged.artifact_location
-    assert version.model_id == logged.model_id
+    links = json.loads(client.get_logged_model(logged.model_id).tags["mlflow.modelVersions"])
+    assert [str(v["version"]) for v in links if v["name"] == version.name] == [str(version.version)]
     client.delete_registered_model("iris-source")
 
 
