@@ -131,17 +131,18 @@ def server_error_text(body: Any) -> str:
     return message[:900]
 
 
-def refused_data(name: str, status: int, body: Any, signature: str | None) -> InvalidRequest:
+def refused_data(name: str, status: int, body: Any, signature: str | None, model_uri: str) -> InvalidRequest:
     """The one-paragraph error for data a deployment refused: the server's cause and the model's signature.
 
     ``signature`` is the input signature in the model version's MLmodel
     (``hubml.registry.Registry.signature``), None when unknown; it, not an
     example from some other model, says what shape the data must have.
+    ``model_uri`` (``models:/NAME/VERSION``) is where the user finds it otherwise.
     """
     expected = (f"The model's input signature is {signature} (-1: any size); send data of that shape."
                 if signature else
-                "No input signature of the model could be read (log it with input_example=... or signature=... "
-                "to record one); send rows shaped like the data it was trained on.")
+                f"Its input signature is not known here: mlflow.models.get_model_info({model_uri!r}).signature "
+                f"shows the one its MLmodel records (log the model with input_example=... to record one).")
     return InvalidRequest(f"Deployment {name!r} refused the data (HTTP {status}): {server_error_text(body)} "
                           f"{expected}")
 

@@ -24,7 +24,7 @@ from typing import Any
 from hubml.errors import BackendError, Conflict, Forbidden, InvalidRequest, NotFound
 from hubml.jobs import JobStatus, LogChunk, LogLine, TrainSpec
 from hubml.magics.backend import Backend
-from hubml.models import DeploySpec, DeploymentInfo, ModelVersionInfo, RegisteredModelInfo, RegisterRequest
+from hubml.models import DeploySpec, DeploymentInfo, ModelRef, ModelVersionInfo, RegisteredModelInfo, RegisterRequest
 
 API = "api/v1"
 SERVICE_NAME = "hubml"
@@ -206,7 +206,7 @@ class HubBackend(Backend):
         except urllib.error.HTTPError as e:
             answer = e.read()
             if 400 <= e.code < 500 and e.code not in (404, 408, 429):
-                raise scoring.refused_data(name, e.code, answer, None) from None
+                raise scoring.refused_data(name, e.code, answer, None, _model_uri(info)) from None
             raise BackendError(
                 f"Deployment {name!r} at {info.url} failed to predict (HTTP {e.code}).",
                 next_step=_unreachable_step(info) if e.code in (404, 502, 503, 504) else
@@ -225,6 +225,11 @@ class HubBackend(Backend):
                                next_step=_unreachable_step(info),
                                detail=raw.decode("utf8", "replace")[:500]) from None
         return scoring.predictions(result, protocol)
+
+
+def _model_uri(info: DeploymentInfo) -> str:
+    """The ``models:/NAME/VERSION`` URI of the version a deployment serves."""
+    return f"models:/{ModelRef.parse(info.model).name}/{info.version}"
 
 
 def _unreachable_step(info: DeploymentInfo) -> str:

@@ -205,7 +205,8 @@ class LocalDeployments:
             if status == 200:
                 return scoring.predictions(answer)
             if 400 <= status < 500:
-                raise scoring.refused_data(name, status, answer, self._signature(record))
+                raise scoring.refused_data(name, status, answer, self._signature(record),
+                                           str(record.get("model_uri") or record.get("model")))
             raise BackendError(
                 f"Deployment {name!r} failed to predict (HTTP {status}).",
                 next_step="look at the error below; the model may need a package missing in this environment.",
