@@ -255,6 +255,14 @@ class ModelsHandler(BaseHandler):
         self.send_json(version.to_dict(), 201)
 
 
+class ModelVersionHandler(BaseHandler):
+    required_scopes = (SCOPE_MODELS,)
+
+    @api_method
+    async def get(self, name: str, version: str) -> None:
+        self.send_json(await asyncio.to_thread(self.service.registry.described, name, version, self.caller.name))
+
+
 class DeploymentsHandler(BaseHandler):
     required_scopes = (SCOPE_DEPLOYMENTS,)
 
@@ -297,6 +305,7 @@ def routes(prefix: str) -> list[tuple[str, type[web.RequestHandler]]]:
         (f"{base}/jobs/{seg}/logs", JobLogsHandler),
         (f"{base}/runs/{seg}/metrics", RunMetricsHandler),
         (f"{base}/models", ModelsHandler),
+        (f"{base}/models/{seg}/versions/{seg}", ModelVersionHandler),
         (f"{base}/deployments", DeploymentsHandler),
         (f"{base}/deployments/{seg}", DeploymentHandler),
     ]

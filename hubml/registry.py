@@ -40,6 +40,7 @@ import tempfile
 from collections.abc import Callable
 from typing import Any
 
+from hubml import names
 from hubml.errors import BackendError, Forbidden, InvalidRequest, NotFound
 from hubml.models import ModelRef, ModelVersionInfo, RegisteredModelInfo, RegisterRequest
 
@@ -339,6 +340,17 @@ class Registry:
         if not isinstance(uri, str) or not uri:
             raise InvalidRequest(f"Model {ref} has no download location in the registry.")
         return version.version, uri
+
+    def described(self, name: str, version: str, owner: str | None = None) -> dict[str, Any]:
+        """One version of the owner's model with its input signature (``null`` when the MLmodel has none)."""
+        try:
+            names.model_name(name)
+        except InvalidRequest:
+            raise NotFound(f"No registered model named {name!r}.") from None
+        if not re.fullmatch(r"[1-9][0-9]{0,8}", version):
+            raise NotFound(f"Model {name!r} has no version {version!r}: versions are whole numbers from 1.")
+        info = self.resolve(ModelRef(name=name, version=int(version)), owner)
+        return {**info.to_dict(), "signature": self.signature(info.name, info.version)}
 
     def signature(self, name: str, version: int) -> str | None:
         """The input signature in the version's MLmodel (MLflow's own rendering), or None when it has none.

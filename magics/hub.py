@@ -21,7 +21,7 @@ import urllib.parse
 import urllib.request
 from typing import Any
 
-from hubml.errors import BackendError, Conflict, Forbidden, InvalidRequest, NotFound
+from hubml.errors import BackendError, Conflict, Forbidden, HubMLError, InvalidRequest, NotFound
 from hubml.jobs import JobStatus, LogChunk, LogLine, TrainSpec
 from hubml.magics.backend import Backend
 from hubml.models import DeploySpec, DeploymentInfo, ModelRef, ModelVersionInfo, RegisteredModelInfo, RegisterRequest
@@ -183,6 +183,14 @@ class HubBackend(Backend):
     def undeploy(self, name: str) -> None:
         self._call("DELETE", f"/deployments/{urllib.parse.quote(name, safe='')}")
 
+    def _signature(self, info: DeploymentInfo) -> str | None:
+        """The served version's input signature, as the service reads it from the MLmodel (None when unknown)."""
+        try:
+            name = urllib.parse.quote(ModelRef.parse(info.model).name, safe="")
+            return self._call("GET", f"/models/{name}/versions/{info.version}").get("signature")
+        except (HubMLError, AttributeError):
+            return None
+
     def predict(self, name: str, data: Any) -> Any:
         """POST the data to the deployment's endpoint, as the hub service reports it.
 
@@ -206,7 +214,7 @@ class HubBackend(Backend):
         except urllib.error.HTTPError as e:
             answer = e.read()
             if 400 <= e.code < 500 and e.code not in (404, 408, 429):
-                raise scoring.refused_data(name, e.code, answer, None, _model_uri(info)) from None
+                raise scoring.refused_data(name, e.code, answer, self._signature(info), _model_uri(info)) from None
             raise BackendError(
                 f"Deployment {name!r} at {info.url} failed to predict (HTTP {e.code}).",
                 next_step=_unreachable_step(info) if e.code in (404, 502, 503, 504) else
