@@ -3,7 +3,7 @@
 Both sides serve the same registered model version from the same sqlite MLflow
 store on this machine:
 
-- hubml: ``LocalModels.deploy`` (what ``%deploy NAME/1`` calls: resolve the
+- hubml: ``LocalBackend.deploy`` (what ``%deploy NAME/1`` calls: resolve the
   version, pick a free port, start ``mlflow models serve --env-manager local``,
   wait until it answers) followed by ``predict`` (what ``%predict`` calls);
 - by hand: ``mlflow models serve -m models:/NAME/1 --env-manager local --port P``
@@ -126,16 +126,11 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
 
+    from hubml.magics.local.backend import LocalBackend
     from hubml.magics.local.home import LocalHome
-    from hubml.magics.local.serving import LocalModels
 
     root = Path(tempfile.mkdtemp(prefix="hubml-bench-deploy-"))
-
-    class Models(LocalModels):
-        def __init__(self) -> None:
-            self.home = LocalHome(root=root, tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
-
-    backend = Models()
+    backend = LocalBackend(LocalHome(root=root, tracking_uri=f"sqlite:///{root / 'mlflow.db'}"))
     try:
         log_and_register(root, backend)
         hubml_once(backend)                          # warm-up, untimed: OS caches, the client's DB engine

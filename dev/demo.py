@@ -88,14 +88,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def _stop_servers(home: Path) -> None:
     """Stop any model server a failed run left (the notebook's last cell undeploys on success)."""
+    from hubml.magics.local.backend import LocalBackend
     from hubml.magics.local.home import LocalHome
-    from hubml.magics.local.serving import LocalModels
 
-    class _Models(LocalModels):
-        def __init__(self) -> None:
-            self.home = LocalHome(root=home, tracking_uri=f"sqlite:///{home / 'mlflow.db'}")
-
-    models = _Models()
+    models = LocalBackend(LocalHome(root=home, tracking_uri=f"sqlite:///{home / 'mlflow.db'}"))
     for dep in models.deployments():
         models.undeploy(dep.name)
         print(f"Stopped the model server of deployment {dep.name!r}.")

@@ -29,15 +29,18 @@ from hubml.errors import InvalidRequest
 from hubml.availability import UsageIndex
 from hubml.profile_config import load_catalogue
 from hubml.profiles import ProfileConfigError
+from hubml.registry import Registry
 
 from . import handlers
 from . import kube as k
 from . import objects
 from .endpoints import KSERVE_URL_FIELDS, Endpoints, check_template
-from .mlflow_registry import MlflowRegistry
 from .policy import Caller, Policy
 from .serving import Serving
 from .training import CrdCache, JobReflector, Training
+
+#: What a user does when the cluster's MLflow fails: nothing they can fix themselves.
+MLFLOW_DOWN_STEP = "retry in a minute; if it persists, tell the hub administrator that MLflow is unreachable."
 
 
 class HubMLService(Application):
@@ -237,7 +240,7 @@ class HubMLService(Application):
                            f"apply the Role in the README's 'Hub service RBAC' section (or install helm-values/hubml-extras).")
         except k.KubeError as e:
             self.exit_with(f"Kubernetes API unusable for namespace {self.namespace!r}: {e}")
-        self.registry = MlflowRegistry(self.mlflow_tracking_uri)
+        self.registry = Registry(self.mlflow_tracking_uri, unreachable_step=MLFLOW_DOWN_STEP)
         pod_uri = self.mlflow_pod_tracking_uri or self.mlflow_tracking_uri
         egress = [objects.EgressRule(to=r.get("to", []), ports=r.get("ports", [])) for r in self.mlflow_egress] \
             or objects.mlflow_egress_from_uri(pod_uri)

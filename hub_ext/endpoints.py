@@ -6,8 +6,9 @@ in-cluster DNS name works (notebook pods run in the same cluster), but a cluster
 that exposes models through an ingress or a gateway (or a NetworkPolicy that only
 lets notebooks reach that gateway) needs another base URL. The administrator
 gives it as ``HubMLService.deployment_url_template``; hubml appends the path of
-the serving protocol itself (``/invocations`` for MLflow's scoring server,
-``/v2/models/<name>/infer`` for KServe's Open Inference Protocol), so the
+the serving protocol itself (``hubml.scoring.protocol_path``: ``/invocations``
+for MLflow's scoring server, ``/v2/models/<name>/infer`` for KServe's Open
+Inference Protocol), so the
 template only says where the server is, never which protocol it speaks.
 
 For KServe the InferenceService itself reports where it answers, once its
@@ -26,6 +27,8 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
+from hubml import scoring
+
 #: Placeholders a template may use; each value is a DNS label or a label-safe slug, so safe in a host or path.
 PLACEHOLDERS = ("name", "namespace", "user", "flavour")
 FLAVOURS = ("deployment", "kserve")
@@ -41,11 +44,9 @@ KSERVE_URL_FIELDS = ("address", "url", "none")
 _SAMPLE = {"name": "model-a", "namespace": "hubml-jobs", "user": "alice", "flavour": "kserve"}
 
 
-def protocol_path(flavour: str, name: str) -> str:
-    """The path the serving protocol answers predictions on, below the base URL."""
-    if flavour == "kserve":
-        return f"/v2/models/{name}/infer"  # Open Inference Protocol (KServe's MLflow runtime, MLServer)
-    return "/invocations"  # MLflow's scoring server
+def flavour_protocol(flavour: str) -> str:
+    """The scoring protocol a serving flavour speaks: KServe's MLflow runtime the Open Inference Protocol."""
+    return scoring.OPEN_INFERENCE if flavour == "kserve" else scoring.MLFLOW
 
 
 def check_template(template: str) -> str:
@@ -133,4 +134,4 @@ class Endpoints:
             base = _kserve_reported(obj.get("status") or {}, self.kserve_url_field)
         if not base:
             base = self.base_url(flavour, name, namespace, user)
-        return base + protocol_path(flavour, name)
+        return base + scoring.protocol_path(flavour_protocol(flavour), name)

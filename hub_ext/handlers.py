@@ -22,10 +22,10 @@ from tornado import web
 
 from hubml.errors import BackendError, Conflict, Forbidden, HubMLError, InvalidRequest, NotFound
 from hubml.models import RegisterRequest
+from hubml.registry import metrics_to_json
 
 from . import kube as k
 from . import openapi
-from .mlflow_registry import metrics_to_json
 from .policy import Caller
 
 log = logging.getLogger("hubml.hub_ext")
@@ -235,7 +235,7 @@ class RunMetricsHandler(BaseHandler):
     async def get(self, run_id: str) -> None:
         if not _RUN_ID.match(run_id):
             raise NotFound(f"Run {run_id!r} does not exist.")
-        metrics = await asyncio.to_thread(self.service.registry.run_metrics, self.caller.name, run_id)
+        metrics = await asyncio.to_thread(self.service.registry.run_metrics, run_id, self.caller.name)
         self.send_json(metrics_to_json(metrics))
 
 
@@ -251,8 +251,16 @@ class ModelsHandler(BaseHandler):
     async def post(self) -> None:
         body = self.body("RegisterRequest")
         request = RegisterRequest(**body).validate()
-        version = await asyncio.to_thread(self.service.registry.register, self.caller.name, request)
+        version = await asyncio.to_thread(self.service.registry.register, request, self.caller.name)
         self.send_json(version.to_dict(), 201)
+
+
+class ModelVersionHandler(BaseHandler):
+    required_scopes = (SCOPE_MODELS,)
+
+    @api_method
+    async def get(self, name: str, version: str) -> None:
+        self.send_json(await asyncio.to_thread(self.service.registry.described, name, version, self.caller.name))
 
 
 class DeploymentsHandler(BaseHandler):
@@ -297,6 +305,7 @@ def routes(prefix: str) -> list[tuple[str, type[web.RequestHandler]]]:
         (f"{base}/jobs/{seg}/logs", JobLogsHandler),
         (f"{base}/runs/{seg}/metrics", RunMetricsHandler),
         (f"{base}/models", ModelsHandler),
+        (f"{base}/models/{seg}/versions/{seg}", ModelVersionHandler),
         (f"{base}/deployments", DeploymentsHandler),
         (f"{base}/deployments/{seg}", DeploymentHandler),
     ]

@@ -763,10 +763,13 @@ def scoring_hpa(plan: ServingPlan, owner: dict[str, Any] | None = None) -> dict[
 
 def deployment_url(name: str, namespace: str, kserve: bool) -> str:
     """The default in-cluster URL answering predictions (see ``endpoints`` for the configurable one)."""
-    from .endpoints import Endpoints, protocol_path
+    from hubml import scoring
+
+    from .endpoints import Endpoints, flavour_protocol
 
     flavour = "kserve" if kserve else "deployment"
-    return Endpoints().base_url(flavour, name, namespace, user="") + protocol_path(flavour, name)
+    return Endpoints().base_url(flavour, name, namespace, user="") + scoring.protocol_path(flavour_protocol(flavour),
+                                                                                           name)
 
 
 # --------------------------------------------------------------------------- the service's own RBAC

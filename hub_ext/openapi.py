@@ -93,6 +93,9 @@ SCHEMAS: dict[str, Any] = {
                                     "source": {"type": "string", "nullable": True},
                                     "aliases": {"type": "array", "items": {"type": "string"}},
                                     "tags": {"type": "object", "additionalProperties": {"type": "string"}}}},
+    "ModelVersionDetail": {"allOf": [{"$ref": "#/components/schemas/ModelVersion"},
+                                     {"type": "object", "required": ["signature"],
+                                      "properties": {"signature": {"type": "string", "nullable": True}}}]},
     "RegisteredModel": {"type": "object", "required": ["name", "versions", "aliases"],
                         "properties": {"name": {"type": "string"},
                                        "versions": {"type": "array",
@@ -159,6 +162,8 @@ def _body(ref: str) -> dict[str, Any]:
 JOB_ID = {"name": "job_id", "in": "path", "required": True, "schema": {"type": "string", "maxLength": 253}}
 DEP_NAME = {"name": "name", "in": "path", "required": True, "schema": {"type": "string", "maxLength": 253}}
 RUN_ID = {"name": "run_id", "in": "path", "required": True, "schema": {"type": "string", "maxLength": 64}}
+MODEL = {"name": "name", "in": "path", "required": True, "schema": {"type": "string", "maxLength": 253}}
+VERSION = {"name": "version", "in": "path", "required": True, "schema": {"type": "string", "maxLength": 20}}
 #: Oversized requests are refused by the proxy or the HTTP server before the service sees them.
 TOO_LARGE = {"413": {"description": "Request body too large."}, "414": {"description": "URL too long."},
              "431": {"description": "Request header fields (or URL) too large."}}
@@ -220,6 +225,10 @@ def document(server_url: str = "/services/hubml/api/v1") -> dict[str, Any]:
                      "responses": {"201": _resp("ModelVersion", "The new version."), **AUTH,
                                    **_errors(400, 404, 409, 502)}},
         },
+        "/models/{name}/versions/{version}": {"get": {
+            "operationId": "getModelVersion", "security": models_scope, "parameters": [MODEL, VERSION],
+            "summary": "One version of your model with the input signature its MLmodel records (%predict errors).",
+            "responses": {"200": _resp("ModelVersionDetail", "The version."), **AUTH, **_errors(403, 404, 502)}}},
         "/deployments": {
             "get": {"operationId": "listDeployments", "security": dep_scope,
                     "responses": {"200": _resp("Deployment", "Your deployments.", array=True), **AUTH,

@@ -15,11 +15,11 @@ from typing import Any
 from hubml import names
 from hubml.errors import Conflict, InvalidRequest, NotFound
 from hubml.models import DeploySpec, DeploymentInfo, ModelRef
+from hubml.registry import Registry
 
 from . import kube as k
 from . import objects, policy as pol
 from .endpoints import Endpoints
-from .mlflow_registry import MlflowRegistry
 from .training import CrdCache
 
 _DEPLOY_FIELDS = {"model", "name", "profile", "min_replicas", "max_replicas", "canary_percent"}
@@ -69,7 +69,7 @@ def deployment_info(obj: dict[str, Any], endpoints: Endpoints = Endpoints()) -> 
 
 
 class Serving:
-    def __init__(self, kube: k.Kube, registry: MlflowRegistry, policy: pol.Policy, crds: CrdCache, *,
+    def __init__(self, kube: k.Kube, registry: Registry, policy: pol.Policy, crds: CrdCache, *,
                  flavour: str = "auto", mlflow_pod_uri: str, endpoints: Endpoints = Endpoints()) -> None:
         self.kube = kube
         self.registry = registry
@@ -124,7 +124,7 @@ class Serving:
         mine = [o["metadata"]["name"] for o in await self._objects(caller)]
         # every refusal policy can make first (no I/O), then the registry, then the plan, once
         admitted = pol.admit_serving(self.policy, caller, spec, kserve=kserve, existing=mine)
-        version, uri = await asyncio.to_thread(self.registry.resolve, caller.name, spec.model)
+        version, uri = await asyncio.to_thread(self.registry.storage_uri, spec.model, caller.name)
         plan = pol.assemble_serving(self.policy, caller, admitted, version=version, storage_uri=uri,
                                     env={"MLFLOW_TRACKING_URI": self.mlflow_pod_uri})
         if kserve:

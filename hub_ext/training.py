@@ -33,7 +33,7 @@ from hubml.jobs import JobState, JobStatus, LogLine, TrainSpec
 from . import kube as k
 from . import log_cursor as lc
 from . import objects, policy as pol
-from .mlflow_registry import MlflowRegistry
+from hubml.registry import Registry
 
 @dataclass
 class CrdCache:
@@ -91,7 +91,7 @@ class JobReflector:
 class Training:
     """The jobs half of the service; one instance per service process."""
 
-    def __init__(self, kube: k.Kube, registry: MlflowRegistry, policy: pol.Policy, crds: CrdCache, *,
+    def __init__(self, kube: k.Kube, registry: Registry, policy: pol.Policy, crds: CrdCache, *,
                  flavour: str = "auto", mlflow_pod_uri: str, mlflow_egress: list[objects.EgressRule],
                  extra_pod_annotations: dict[str, str] | None = None,
                  trainer_runtime: objects.TrainerRuntime = objects.TrainerRuntime()) -> None:

@@ -21,10 +21,10 @@ import urllib.parse
 import urllib.request
 from typing import Any
 
-from hubml.errors import BackendError, Conflict, Forbidden, InvalidRequest, NotFound
+from hubml.errors import BackendError, Conflict, Forbidden, HubMLError, InvalidRequest, NotFound
 from hubml.jobs import JobStatus, LogChunk, LogLine, TrainSpec
 from hubml.magics.backend import Backend
-from hubml.models import DeploySpec, DeploymentInfo, ModelVersionInfo, RegisteredModelInfo, RegisterRequest
+from hubml.models import DeploySpec, DeploymentInfo, ModelRef, ModelVersionInfo, RegisteredModelInfo, RegisterRequest
 
 API = "api/v1"
 SERVICE_NAME = "hubml"
@@ -183,6 +183,14 @@ class HubBackend(Backend):
     def undeploy(self, name: str) -> None:
         self._call("DELETE", f"/deployments/{urllib.parse.quote(name, safe='')}")
 
+    def _signature(self, info: DeploymentInfo) -> str | None:
+        """The served version's input signature, as the service reads it from the MLmodel (None when unknown)."""
+        try:
+            name = urllib.parse.quote(ModelRef.parse(info.model).name, safe="")
+            return self._call("GET", f"/models/{name}/versions/{info.version}").get("signature")
+        except (HubMLError, AttributeError):
+            return None
+
     def predict(self, name: str, data: Any) -> Any:
         """POST the data to the deployment's endpoint, as the hub service reports it.
 
@@ -191,31 +199,28 @@ class HubBackend(Backend):
         in-cluster DNS. KServe speaks the Open Inference Protocol (the URL ends in
         ``/infer``), MLflow's scoring server its own JSON (``/invocations``).
         """
-        from hubml.scoring import predictions_from_response, scoring_payload
+        from hubml import scoring
 
-        payload = scoring_payload(data)  # bad data: InvalidRequest before any request is sent
-        info = self.deployment(name)     # not the caller's: Forbidden / NotFound from the service
-        v2 = info.url.endswith("/infer")
-        if v2:
-            payload = _v2_request(payload)
-        req = urllib.request.Request(info.url, data=json.dumps(payload).encode(), method="POST",
+        body = scoring.request_body(data)  # bad data: InvalidRequest before any request is sent
+        info = self.deployment(name)       # not the caller's: Forbidden / NotFound from the service
+        protocol = scoring.protocol_of_url(info.url)
+        if protocol != scoring.MLFLOW:
+            body = scoring.request_body(data, protocol)
+        req = urllib.request.Request(info.url, data=json.dumps(body).encode(), method="POST",
                                      headers={"Content-Type": "application/json", "Accept": "application/json"})
         try:
             with urllib.request.urlopen(req, timeout=self.timeout) as resp:
                 raw = resp.read()
         except urllib.error.HTTPError as e:
-            message = _server_message(e.read())
+            answer = e.read()
             if 400 <= e.code < 500 and e.code not in (404, 408, 429):
-                raise InvalidRequest(
-                    f"Deployment {name!r} refused the data (HTTP {e.code}): {message} Send rows shaped like the "
-                    f"model's training data, e.g. [[5.1, 3.5, 1.4, 0.2]]."
-                ) from None
+                raise scoring.refused_data(name, e.code, answer, self._signature(info), _model_uri(info)) from None
             raise BackendError(
                 f"Deployment {name!r} at {info.url} failed to predict (HTTP {e.code}).",
                 next_step=_unreachable_step(info) if e.code in (404, 502, 503, 504) else
                 "look at the error below; if the model itself fails, fix it, register a new version and "
                 f"%deploy {info.model} --name {name} again.",
-                detail=message,
+                detail=scoring.server_error_text(answer),
             ) from None
         except (urllib.error.URLError, OSError) as e:
             reason = getattr(e, "reason", e)
@@ -227,19 +232,12 @@ class HubBackend(Backend):
             raise BackendError(f"Deployment {name!r} at {info.url} answered something that is not JSON.",
                                next_step=_unreachable_step(info),
                                detail=raw.decode("utf8", "replace")[:500]) from None
-        return _v2_outputs(result) if v2 else predictions_from_response(result)
+        return scoring.predictions(result, protocol)
 
 
-def _server_message(raw: bytes) -> str:
-    """The human part of a model server's error body (MLflow: ``message``; Open Inference Protocol: ``error``)."""
-    text = raw.decode("utf8", "replace")
-    try:
-        body = json.loads(text)
-    except ValueError:
-        return text.strip()[:600]
-    if isinstance(body, dict):
-        text = str(body.get("message") or body.get("error") or body.get("detail") or body)
-    return text.strip()[:600]
+def _model_uri(info: DeploymentInfo) -> str:
+    """The ``models:/NAME/VERSION`` URI of the version a deployment serves."""
+    return f"models:/{ModelRef.parse(info.model).name}/{info.version}"
 
 
 def _unreachable_step(info: DeploymentInfo) -> str:
@@ -249,93 +247,3 @@ def _unreachable_step(info: DeploymentInfo) -> str:
     return (f"%deployments shows its state; if it says ready and this persists, the notebook cannot reach "
             f"{info.url}: ask your hub administrator (HubMLService.deployment_url_template says how notebooks "
             f"reach deployments).")
-
-
-
-def _v2_datatype(flat: list[Any]) -> str:
-    if flat and all(isinstance(x, bool) for x in flat):
-        return "BOOL"
-    if flat and all(isinstance(x, int) and not isinstance(x, bool) for x in flat):
-        return "INT64"
-    if flat and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in flat):
-        return "FP64"
-    if all(isinstance(x, str) for x in flat):
-        return "BYTES"
-    raise InvalidRequest("A column or tensor mixes numbers, booleans, text or nulls; KServe's Open Inference "
-                         "Protocol needs one type per tensor. Make every value of a column the same type.")
-
-
-def _tensor(name: str, values: Any) -> dict[str, Any]:
-    """One Open Inference Protocol input: ``shape`` from the nesting, ``data`` flattened row-major."""
-    shape: list[int] = []
-    probe = values
-    while isinstance(probe, (list, tuple)):
-        shape.append(len(probe))
-        probe = probe[0] if probe else None
-    flat: list[Any] = []
-
-    def walk(value: Any, depth: int) -> None:
-        if depth == len(shape):
-            if isinstance(value, (list, tuple, dict)):
-                raise InvalidRequest("The rows are nested unevenly; give every row the same number of values.")
-            flat.append(value)
-            return
-        if not isinstance(value, (list, tuple)) or len(value) != shape[depth]:
-            raise InvalidRequest("The rows have different lengths; give every row the same number of values "
-                                 "(a rectangular table), e.g. [[5.1, 3.5, 1.4, 0.2], [6.7, 3.0, 5.2, 2.3]].")
-        for item in value:
-            walk(item, depth + 1)
-
-    walk(values, 0)
-    if not shape:
-        shape = [1]
-    return {"name": name, "shape": shape, "datatype": _v2_datatype(flat), "data": flat}
-
-
-def _v2_request(payload: dict[str, Any]) -> dict[str, Any]:
-    """MLflow scoring JSON -> an Open Inference Protocol (KServe V2) inference request.
-
-    KServe serves MLflow models with MLServer's MLflow runtime, which decodes the
-    request by its ``content_type`` parameter: rows or a tensor go as one input
-    decoded to a NumPy array (``np``); named columns go as one input per column
-    decoded to a pandas DataFrame (``pd``), the form MLflow's docs use for KServe.
-    """
-    if "dataframe_split" in payload or "dataframe_records" in payload:
-        if "dataframe_split" in payload:
-            split = payload["dataframe_split"]
-            columns, rows = list(split.get("columns") or []), split.get("data") or []
-            if not columns:
-                columns = [f"input-{i}" for i in range(len(rows[0]) if rows else 0)]
-        else:
-            records = payload["dataframe_records"]
-            columns = list(dict.fromkeys(k for r in records for k in r))
-            rows = [[r.get(c) for c in columns] for r in records]
-        if any(not isinstance(r, (list, tuple)) or len(r) != len(columns) for r in rows):
-            raise InvalidRequest("Every row needs one value per column; some rows have more or fewer.")
-        inputs = [_tensor(str(c), [r[i] for r in rows]) for i, c in enumerate(columns)]
-        return {"parameters": {"content_type": "pd"}, "inputs": inputs}
-    values = payload["inputs"] if "inputs" in payload else payload.get("instances")
-    if isinstance(values, dict):  # named tensors
-        return {"inputs": [_tensor(str(k), v) for k, v in values.items()]}
-    return {"parameters": {"content_type": "np"}, "inputs": [_tensor("input-0", values)]}
-
-
-def _unflatten(data: list[Any], shape: list[int]) -> Any:
-    if len(shape) == 2 and shape[1] == 1:
-        return data  # one value per row (MLServer pads a batch of scalars to [N, 1]): rows, as /invocations gives
-    if len(shape) <= 1:
-        return data
-    step = len(data) // shape[0] if shape[0] else 0
-    return [_unflatten(data[i * step:(i + 1) * step], shape[1:]) for i in range(shape[0])]
-
-
-def _v2_outputs(result: Any) -> Any:
-    """An Open Inference Protocol response -> the predictions (one output: its rows; several: by name).
-
-    The same model answers the same list on both flavours: ``[0, 2]``, not ``[[0], [2]]``.
-    """
-    outputs = result.get("outputs") if isinstance(result, dict) else None
-    if not isinstance(outputs, list):
-        return result
-    shaped = {o.get("name"): _unflatten(list(o.get("data") or []), list(o.get("shape") or [])) for o in outputs}
-    return next(iter(shaped.values())) if len(shaped) == 1 else shaped

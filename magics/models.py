@@ -160,7 +160,7 @@ class ModelMagics(Magics):
     @argument("--backend", help=_BACKEND_HELP)
     @argument("name", help="The deployment to ask (see %%deployments).")
     @argument("data", metavar="DATA",
-              help="A Python or JSON literal (e.g. [[5.1, 3.5, 1.4, 0.2]] or {\"x\": [1, 2]}) or the name of a "
+              help="A Python or JSON literal (e.g. [[1.0, 2.0], [3.0, 4.0]] or {\"x\": [1, 2]}) or the name of a "
                    "notebook variable (a list, dict, pandas DataFrame or NumPy array). The rest of the line is "
                    "DATA, spaces included.")
     @no_var_expand
@@ -179,8 +179,8 @@ class ModelMagics(Magics):
             if text in ns:
                 return ns[text]
             raise InvalidRequest(
-                f"DATA {text!r} is not defined in the notebook. Give a literal such as [[5.1, 3.5, 1.4, 0.2]] or "
-                f"the name of a variable that holds the rows."
+                f"DATA {text!r} is not defined in the notebook. Give a literal (one list per row, e.g. "
+                f"[[1.0, 2.0], [3.0, 4.0]]) or the name of a variable that holds the rows."
             )
         try:
             return ast.literal_eval(text)
@@ -191,7 +191,7 @@ class ModelMagics(Magics):
         except ValueError as e:
             raise InvalidRequest(
                 f"DATA is neither a Python/JSON literal nor a notebook variable name ({e.msg} at column "
-                f"{e.colno}): {text[:80]!r}. Example: %predict iris-clf [[5.1, 3.5, 1.4, 0.2]]"
+                f"{e.colno}): {text[:80]!r}. Write one list per row, e.g. [[1.0, 2.0], [3.0, 4.0]]."
             ) from None
 
 
@@ -213,7 +213,7 @@ def _split_predict_line(line: str) -> tuple[str | None, str, str]:
     if not match:
         raise UsageError(
             "%predict needs a deployment name and the data: %predict NAME DATA, for example "
-            "%predict iris-clf [[5.1, 3.5, 1.4, 0.2]] (DATA may also be a notebook variable). "
+            "%predict my-model [[1.0, 2.0], [3.0, 4.0]] (DATA may also be a notebook variable). "
             "See %predict? for details."
         )
     return match.group("backend"), match.group("name"), match.group("data")

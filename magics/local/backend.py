@@ -1,15 +1,16 @@
-"""``LocalBackend``: the two local mixins put together on one ``LocalHome``."""
+"""``LocalBackend``: the local mixins (training, registry, deployments) put together on one ``LocalHome``."""
 
 from __future__ import annotations
 
 from hubml.magics.backend import Backend
 from hubml.magics.local.home import LocalHome
-from hubml.magics.local.serving import LocalModels
+from hubml.magics.local.deployments import LocalDeployments
+from hubml.magics.local.registry import LocalRegistry
 from hubml.magics.local.training import LocalTraining
 
 
-class LocalBackend(LocalTraining, LocalModels, Backend):
-    """Both mixins read ``self.home``; neither defines ``__init__``."""
+class LocalBackend(LocalTraining, LocalRegistry, LocalDeployments, Backend):
+    """The mixins read ``self.home`` (deployments also ``self.registry``); none defines ``__init__``."""
 
     name = "local"
 

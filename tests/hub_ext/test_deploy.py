@@ -4,6 +4,7 @@ CRD exists, the Deployment + Service + HPA trio where it does not, isolation bet
 from __future__ import annotations
 
 import asyncio
+import json
 
 import mlflow
 import mlflow.pyfunc
@@ -39,11 +40,19 @@ def alice_model(hub_service, mlflow_server):
     return job["run_id"]
 
 
-def test_register_and_list_models(hub_service, alice_model):
+def test_register_and_list_models(hub_service, alice_model, mlflow_server):
     svc = hub_service
     status, body = svc.call("POST", "/models", {"name": "hubext-iris", "run_id": alice_model, "alias": "champion"})
     assert status == 201, body
     assert body["version"] == 1 and body["aliases"] == ["champion"]
+    # the source rule both backends share (hubml.registry): the logged model's artifact location, linked by id
+    client = mlflow.MlflowClient(tracking_uri=mlflow_server.url)
+    [logged] = [m for m in client.search_logged_models(experiment_ids=[client.get_run(alice_model).info.experiment_id])
+                if m.source_run_id == alice_model]
+    version = client.get_model_version("hubext-iris", "1")
+    assert body["source"] == version.source == logged.artifact_location
+    links = json.loads(client.get_logged_model(logged.model_id).tags["mlflow.modelVersions"])
+    assert [str(v["version"]) for v in links if v["name"] == version.name] == [str(version.version)]
     status, models = svc.call("GET", "/models")
     assert status == 200 and [m["name"] for m in models] == ["hubext-iris"]
     assert models[0]["aliases"] == {"champion": 1}

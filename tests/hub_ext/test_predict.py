@@ -28,6 +28,7 @@ from hubml.errors import InvalidRequest
 from hubml.hub_ext import kube as k
 from hubml.hub_ext import objects
 from hubml.hub_ext.endpoints import DEFAULT_TEMPLATES, Endpoints, check_template
+from hubml import scoring
 from hubml.magics import hub
 from hubml.magics.local import model_server
 from hubml_testing.kube import wait_for
@@ -143,19 +144,17 @@ def _check_oip_request(body: dict[str, Any]) -> None:
 
 
 def test_v2_request_is_an_open_inference_protocol_request():
-    from hubml.scoring import scoring_payload
-
     import numpy as np
     import pandas as pd
 
     # rows: one FP64 tensor decoded by MLServer as a NumPy array (content_type np), shape preserved
-    body = hub._v2_request(scoring_payload([SETOSA, VIRGINICA]))
+    body = scoring.v2_request(scoring.scoring_payload([SETOSA, VIRGINICA]))
     _check_oip_request(body)
     assert body["parameters"] == {"content_type": "np"}
     (tensor,) = body["inputs"]
     assert tensor["shape"] == [2, 4] and tensor["datatype"] == "FP64"
     assert np.array(tensor["data"]).reshape(tensor["shape"]).tolist() == [SETOSA, VIRGINICA]
-    body = hub._v2_request(scoring_payload(np.arange(24).reshape(2, 3, 4)))
+    body = scoring.v2_request(scoring.scoring_payload(np.arange(24).reshape(2, 3, 4)))
     _check_oip_request(body)
     assert body["inputs"][0]["shape"] == [2, 3, 4] and body["inputs"][0]["datatype"] == "INT64"
     assert body["inputs"][0]["data"] == list(range(24))
@@ -163,7 +162,7 @@ def test_v2_request_is_an_open_inference_protocol_request():
     # named columns: one tensor per column, decoded by MLServer as a pandas DataFrame (content_type pd)
     frame = pd.DataFrame({"sl": [5.1, 6.7], "n": [1, 2], "ok": [True, False], "tag": ["a", "b"]})
     for data in (frame, frame.to_dict(orient="list"), frame.to_dict(orient="records")):
-        body = hub._v2_request(scoring_payload(data))
+        body = scoring.v2_request(scoring.scoring_payload(data))
         _check_oip_request(body)
         assert body["parameters"] == {"content_type": "pd"}
         assert [(t["name"], t["datatype"], t["shape"]) for t in body["inputs"]] == [
@@ -174,10 +173,10 @@ def test_v2_request_is_an_open_inference_protocol_request():
     # the response: one output's flat data back into rows; several by name
     answer = {"model_name": "iris", "outputs": [{"name": "output-1", "shape": [2, 1], "datatype": "INT64",
                                                  "data": [0, 2]}]}
-    assert hub._v2_outputs(answer) == [0, 2]  # as MLflow's /invocations answers for the same model
+    assert scoring.v2_outputs(answer) == [0, 2]  # as MLflow's /invocations answers for the same model
     answer["outputs"].append({"name": "proba", "shape": [2, 3], "datatype": "FP64",
                               "data": [0.9, 0.05, 0.05, 0.1, 0.1, 0.8]})
-    assert hub._v2_outputs(answer) == {"output-1": [0, 2], "proba": [[0.9, 0.05, 0.05], [0.1, 0.1, 0.8]]}
+    assert scoring.v2_outputs(answer) == {"output-1": [0, 2], "proba": [[0.9, 0.05, 0.05], [0.1, 0.1, 0.8]]}
 
 
 @pytest.mark.parametrize("data, fragment", [
@@ -187,10 +186,8 @@ def test_v2_request_is_an_open_inference_protocol_request():
     ({"a": [1.0, None]}, "one type per tensor"),
 ])
 def test_v2_request_refuses_what_the_protocol_cannot_carry(data, fragment):
-    from hubml.scoring import scoring_payload
-
     with pytest.raises(InvalidRequest, match=fragment):
-        hub._v2_request(scoring_payload(data))
+        scoring.v2_request(scoring.scoring_payload(data))
 
 
 # --------------------------------------------------------------------------- end to end
@@ -239,24 +236,52 @@ def _kernel_env(svc: Any, user: str) -> dict[str, str]:
             "HUBML_SERVICE_URL": svc.url, "JUPYTERHUB_USER": user}
 
 
-def _alice_run_with_iris_model(svc: Any, mlflow_url: str) -> str:
-    """A run the service created for alice (so it is hers), with a fitted iris classifier logged by MLflow."""
-    from sklearn.datasets import load_iris
-    from sklearn.linear_model import LogisticRegression
+async def _alice_registers(stack: Stack, kernel_factory: Any, make_run: Any, options: str) -> tuple[Any, Any]:
+    """A run of alice's made by ``make_run``, registered from a kernel of hers; (the kernel, the cell's result)."""
+    run_id = await asyncio.to_thread(make_run, stack.svc, stack.mlflow_url)
+    alice = await asyncio.to_thread(kernel_factory, extra_env=_kernel_env(stack.svc, "alice"))
+    return alice, await asyncio.to_thread(alice.run_ok, f"%register_model --run {run_id} {options}")
 
+
+async def _deploy(svc: Any, kernel: Any, model: str, name: str) -> tuple[str, list[str]]:
+    """``%deploy MODEL --name NAME`` in the kernel: what it printed, and the command of the Deployment's pod."""
+    res = await asyncio.to_thread(kernel.run_ok, f"%deploy {model} --name {name}")
+    dep = await svc.kube.get(k.DEPLOYMENT, svc.namespace, name)
+    return res.stdout, dep["spec"]["template"]["spec"]["containers"][0]["command"]
+
+
+def _alice_run(svc: Any, mlflow_url: str, log_model) -> str:
+    """A run the service created for alice (so it is hers), with the model ``log_model()`` logs into it."""
     status, job = svc.call("POST", "/jobs", {"code": "print(1)\n", "experiment": "hub-predict"})
     assert status == 201, job
     status, _ = svc.call("POST", f"/jobs/{job['id']}/cancel")
     assert status == 200
-    X, y = load_iris(return_X_y=True)
     mlflow.set_tracking_uri(mlflow_url)
     try:
         with mlflow.start_run(run_id=job["run_id"]):
-            mlflow.sklearn.log_model(LogisticRegression(max_iter=500).fit(X, y), name="model",
-                                     pip_requirements=["scikit-learn"])
+            log_model()
     finally:
         mlflow.set_tracking_uri(None)
     return job["run_id"]
+
+
+def _alice_run_with_iris_model(svc: Any, mlflow_url: str) -> str:
+    """Alice's run with a fitted iris classifier logged by MLflow."""
+    from sklearn.datasets import load_iris
+    from sklearn.linear_model import LogisticRegression
+
+    X, y = load_iris(return_X_y=True)
+    return _alice_run(svc, mlflow_url, lambda: mlflow.sklearn.log_model(
+        LogisticRegression(max_iter=500).fit(X, y), name="model", pip_requirements=["scikit-learn"]))
+
+
+def _alice_run_with_one_row_torch_model(svc: Any, mlflow_url: str) -> str:
+    """Alice's run with a PyTorch model exported (pt2) from a one-row input_example: it refuses two rows."""
+    import torch
+
+    torch.manual_seed(0)
+    return _alice_run(svc, mlflow_url, lambda: mlflow.pytorch.log_model(
+        torch.nn.Linear(3, 2), name="model", input_example=torch.randn(1, 3).numpy(), pip_requirements=["torch"]))
 
 
 @pytest.mark.kube
@@ -264,17 +289,14 @@ def _alice_run_with_iris_model(svc: Any, mlflow_url: str) -> str:
 @pytest.mark.slow
 async def test_predict_from_a_kernel_reaches_the_real_scoring_server(stack, kube_cluster, kernel_factory):
     svc = stack.svc
-    run_id = await asyncio.to_thread(_alice_run_with_iris_model, svc, stack.mlflow_url)
-    alice = await asyncio.to_thread(kernel_factory, extra_env=_kernel_env(svc, "alice"))
-    res = await asyncio.to_thread(alice.run_ok, f"%register_model --name hub-iris --run {run_id} --alias champion")
+    alice, res = await _alice_registers(stack, kernel_factory, _alice_run_with_iris_model,
+                                        "--name hub-iris --alias champion")
     assert "Registered hub-iris version 1" in res.stdout
 
     with kube_cluster.without_crds("inferenceservice"):
-        res = await asyncio.to_thread(alice.run_ok, "%deploy hub-iris@champion --name iris-dep")
+        stdout, command = await _deploy(svc, alice, "hub-iris@champion", "iris-dep")
         expected_url = f"http://127.0.0.1:{stack.port}/invocations"
-        assert f"at {expected_url}" in res.stdout, res.stdout
-        dep = await svc.kube.get(k.DEPLOYMENT, svc.namespace, "iris-dep")
-        command = dep["spec"]["template"]["spec"]["containers"][0]["command"]
+        assert f"at {expected_url}" in stdout, stdout
         model_uri = command[command.index("--model-uri") + 1]
         assert model_uri == "models:/hub-iris/1"
         assert command[command.index("--env-manager") + 1] == "local"
@@ -304,6 +326,8 @@ async def test_predict_from_a_kernel_reaches_the_real_scoring_server(stack, kube
             res = await asyncio.to_thread(alice.run, "%predict iris-dep [[1.0, 2.0]]")
             assert res.ename == "UsageError", res
             assert "Deployment 'iris-dep' refused the data (HTTP 400)" in res.evalue
+            assert "X has 2 features" in res.evalue, res.evalue  # the model's own cause, from the stack trace
+            assert "5.1" not in res.evalue, res.evalue           # no example rows of some other model
             assert "Traceback" not in res.error_text
             for bad, fragment in (("'just text'", "Cannot send a str"), ("[]", "The data to predict on is empty"),
                                   ("[[1e999, 0, 0, 0]]", "cannot be sent as JSON")):
@@ -373,3 +397,31 @@ async def test_kserve_reported_url_is_what_deployments_and_predict_use(stack, ke
 
     status, _ = await asyncio.to_thread(svc.call, "DELETE", "/deployments/iris-isvc")
     assert status == 204
+
+
+@pytest.mark.kube
+@pytest.mark.hub
+@pytest.mark.slow
+async def test_predict_refusal_names_the_servers_cause_and_the_signature(stack, kube_cluster, kernel_factory):
+    """The hub backend's %predict error for a model that refuses the batch: the cause and the signature."""
+    svc = stack.svc
+    alice, _ = await _alice_registers(stack, kernel_factory, _alice_run_with_one_row_torch_model, "--name hub-torch")
+    status, body = await asyncio.to_thread(svc.call, "GET", "/models/hub-torch/versions/1")
+    assert status == 200 and body["signature"] == "[Tensor('float32', (-1, 3))]", body
+    for user, path, code in (("bob", "/models/hub-torch/versions/1", 403),
+                             ("alice", "/models/hub-torch/versions/9", 404),
+                             ("alice", "/models/hub-torch/versions/x", 404), ("alice", "/models/no%20such/versions/1", 404)):
+        status, body = await asyncio.to_thread(svc.call, "GET", path, user=user)
+        assert status == code, (user, path, body)
+    with kube_cluster.without_crds("inferenceservice"):
+        _, command = await _deploy(svc, alice, "hub-torch", "torch-dep")
+        await asyncio.to_thread(stack.serve, command[command.index("--model-uri") + 1])
+        try:
+            res = await asyncio.to_thread(alice.run, "%predict torch-dep [[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]]")
+            assert res.ename == "UsageError", res
+            assert "refused the data (HTTP 400)" in res.evalue, res.evalue
+            assert "Guard failed: input.size()[0] == 1" in res.evalue, res.evalue
+            assert "Tensor('float32', (-1, 3))" in res.evalue and "5.1" not in res.evalue, res.evalue
+        finally:
+            await asyncio.to_thread(stack.stop_serving)
+        await asyncio.to_thread(alice.run_ok, "%undeploy torch-dep")

@@ -8,6 +8,7 @@ import sys
 
 import pytest
 
+from hubml import scoring
 from hubml.magics import hub
 
 
@@ -50,6 +51,6 @@ def test_service_url_from_the_hub_environment(monkeypatch):
 
 
 def test_v2_inference_request_from_rows():
-    body = hub._v2_request({"inputs": [[1.0, 2.0], [3.0, 4.0]]})
+    body = scoring.v2_request({"inputs": [[1.0, 2.0], [3.0, 4.0]]})
     assert body == {"parameters": {"content_type": "np"},
                     "inputs": [{"name": "input-0", "shape": [2, 2], "datatype": "FP64", "data": [1.0, 2.0, 3.0, 4.0]}]}

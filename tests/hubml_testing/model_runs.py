@@ -55,3 +55,18 @@ def log_runs(tracking_uri: str, specs: dict[str, dict], cwd: str | None = None,
     if done.returncode != 0:
         raise RuntimeError(f"logging runs failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+#: A PyTorch model logged the MLflow 3 default way (``pt2``: exported with
+#: ``torch.export``) with a one-row ``input_example``: the export specialises
+#: the batch dimension to 1, so its server refuses two rows with a guard failure.
+LOG_TORCH_ONE_ROW_CODE = '''
+import json, mlflow, torch
+torch.manual_seed(0)
+mlflow.set_experiment("hubml-torch")
+with mlflow.start_run(run_name="torch-one-row") as run:
+    mlflow.pytorch.log_model(torch.nn.Linear(3, 2), name="model", input_example=torch.randn(1, 3).numpy(),
+                             pip_requirements=["torch"])
+print(json.dumps({"run_id": run.info.run_id}))
+'''
+

@@ -17,7 +17,7 @@ import psutil
 import pytest
 
 from hubml_testing.kernel import KernelSession
-from hubml_testing.model_runs import LOG_RUNS_CODE, SETOSA
+from hubml_testing.model_runs import LOG_RUNS_CODE, LOG_TORCH_ONE_ROW_CODE, SETOSA
 
 pytestmark = pytest.mark.slow
 
@@ -90,3 +90,30 @@ def test_register_deploy_predict_survive_restart_dead_and_undeploy(hubml_kernel:
     assert "No deployments." in k.run_ok("%deployments").stdout
     assert _deployment_records(hubml_home) == []
 
+
+
+def test_predict_error_carries_the_servers_cause_and_the_models_signature(hubml_kernel: KernelSession, hubml_home):
+    """A pt2 PyTorch model exported from a one-row input_example refuses two rows; %predict says why.
+
+    MLflow's scoring server answers only a generic "Verify that the serialized
+    input Dataframe is compatible..." in ``message``; the model's own failure is
+    at the end of ``stack_trace``. The error must carry it and the signature
+    recorded in the version's MLmodel, and no example rows of another model.
+    """
+    k = hubml_kernel
+    res = k.run_ok(LOG_TORCH_ONE_ROW_CODE, timeout=240)
+    run_id = json.loads(res.stdout.strip().splitlines()[-1])["run_id"]
+    k.run_ok(f"%register_model --run {run_id} --name torch-one-row")
+    k.run_ok("%deploy torch-one-row", timeout=300)
+    try:
+        assert len(json.loads(k.run_ok("%predict torch-one-row [[1.0, 2.0, 3.0]]").result)) == 1
+        res = k.run("%predict torch-one-row [[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]]")
+        assert res.ename == "UsageError", res
+        message = res.evalue
+        assert "refused the data (HTTP 400)" in message
+        assert "Guard failed: input.size()[0] == 1" in message, message  # the server's own cause
+        assert "Tensor('float32', (-1, 3))" in message, message         # the version's input signature
+        assert "5.1" not in message and "iris" not in message.lower(), message
+        assert "\n\n" not in message.strip() and "Traceback" not in res.text, res.text
+    finally:
+        k.run_ok("%undeploy torch-one-row")

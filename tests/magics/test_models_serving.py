@@ -23,20 +23,13 @@ import pytest
 
 from hubml.errors import BackendError, Conflict, InvalidRequest, NotFound
 from hubml.magics.local import model_server
+from hubml.magics.local.backend import LocalBackend
 from hubml.magics.local.home import LocalHome
-from hubml.magics.local.serving import LocalModels
 from hubml.models import DeploySpec, ModelRef, RegisterRequest
 from hubml_testing.kernel import describe, wait_no_processes
 from hubml_testing.model_runs import SETOSA, log_runs
 
 pytestmark = pytest.mark.slow
-
-
-class Models(LocalModels):
-    """The local backend's model half on its own home (the training half is not needed here)."""
-
-    def __init__(self, home: LocalHome) -> None:
-        self.home = home
 
 
 @pytest.fixture(scope="module")
@@ -69,8 +62,8 @@ def runs(store) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def models(home: LocalHome, runs: dict[str, str]) -> Models:
-    backend = Models(home)
+def models(home: LocalHome, runs: dict[str, str]) -> LocalBackend:
+    backend = LocalBackend(home)
     backend.register_model(RegisterRequest(name="iris-clf", run_id=runs["v1"], alias="champion",
                                            tags={"team": "ml"}).validate())
     backend.register_model(RegisterRequest(name="iris-clf", run_id=runs["v2"]).validate())
@@ -92,7 +85,7 @@ def _post(url: str, body: dict) -> object:
         return json.loads(resp.read())
 
 
-def test_registry_versions_aliases_and_resolution(models: Models, runs: dict[str, str]) -> None:
+def test_registry_versions_aliases_and_resolution(models: LocalBackend, runs: dict[str, str]) -> None:
     listed = {m.name: m for m in models.models()}
     clf = listed["iris-clf"]
     assert [v.version for v in clf.versions] == [1, 2]
@@ -105,7 +98,33 @@ def test_registry_versions_aliases_and_resolution(models: Models, runs: dict[str
     assert models.resolve(ModelRef.parse("iris-clf")).version == 2  # bare name = latest
 
 
-def test_register_other_artifact_path_and_refusals_leave_nothing(models: Models, runs: dict[str, str]) -> None:
+def test_registered_source_is_the_logged_models_location_whatever_the_global_uri(
+        models: LocalBackend, home: LocalHome, runs: dict[str, str], tmp_path: Path) -> None:
+    """The source rule both backends share (``hubml.registry``), from a process whose own MLflow URI is elsewhere.
+
+    ``models:/<model_id>`` would be resolved by MLflow's SQL store through the
+    process-global tracking URI, not the backend's store.
+    """
+    import mlflow
+    from mlflow import MlflowClient
+
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'elsewhere.db'}")
+    try:
+        info = models.register_model(RegisterRequest(name="iris-source", run_id=runs["v1"]).validate())
+    finally:
+        mlflow.set_tracking_uri(None)
+    client = MlflowClient(home.tracking_uri)
+    run = client.get_run(runs["v1"])
+    [logged] = [m for m in client.search_logged_models(experiment_ids=[run.info.experiment_id])
+                if m.source_run_id == runs["v1"]]
+    version = client.get_model_version("iris-source", str(info.version))
+    assert info.source == version.source == logged.artifact_location
+    links = json.loads(client.get_logged_model(logged.model_id).tags["mlflow.modelVersions"])
+    assert [str(v["version"]) for v in links if v["name"] == version.name] == [str(version.version)]
+    client.delete_registered_model("iris-source")
+
+
+def test_register_other_artifact_path_and_refusals_leave_nothing(models: LocalBackend, runs: dict[str, str]) -> None:
     info = models.register_model(RegisterRequest(name="iris-other", run_id=runs["other_path"],
                                                  artifact_path="clf").validate())
     assert (info.name, info.version) == ("iris-other", 1)
@@ -120,7 +139,7 @@ def test_register_other_artifact_path_and_refusals_leave_nothing(models: Models,
     assert after == before  # no model, no version was created by a refused registration
 
 
-def test_deploy_answers_http_and_predict_formats(models: Models, home: LocalHome, no_servers_left) -> None:
+def test_deploy_answers_http_and_predict_formats(models: LocalBackend, home: LocalHome, no_servers_left) -> None:
     info = models.deploy(DeploySpec(model=ModelRef.parse("iris-clf@champion"), name="iris-clf"))
     try:
         assert info.state == "ready" and info.version == 1 and info.url.endswith("/invocations")
@@ -147,7 +166,7 @@ def test_deploy_answers_http_and_predict_formats(models: Models, home: LocalHome
         models.undeploy("iris-clf")
 
 
-def test_redeploy_same_name_keeps_answering(models: Models, no_servers_left) -> None:
+def test_redeploy_same_name_keeps_answering(models: LocalBackend, no_servers_left) -> None:
     first = models.deploy(DeploySpec(model=ModelRef.parse("iris-clf@champion"), name="live"))
     seen: list[object] = []
     errors: list[BaseException] = []
@@ -188,7 +207,7 @@ def _running(pid: int | None) -> bool:
         return False
 
 
-def test_dead_deployment_is_reported_and_can_be_removed(models: Models, no_servers_left) -> None:
+def test_dead_deployment_is_reported_and_can_be_removed(models: LocalBackend, no_servers_left) -> None:
     info = models.deploy(DeploySpec(model=ModelRef.parse("iris-clf/1"), name="doomed"))
     tree = [psutil.Process(info.pid), *psutil.Process(info.pid).children(recursive=True)]
     for proc in tree:  # frozen: the process exists but answers nothing
@@ -207,7 +226,7 @@ def test_dead_deployment_is_reported_and_can_be_removed(models: Models, no_serve
     assert models.deployments() == []
 
 
-def test_busy_port_refused_and_port_race_retried(models: Models, home: LocalHome, monkeypatch,
+def test_busy_port_refused_and_port_race_retried(models: LocalBackend, home: LocalHome, monkeypatch,
                                                  no_servers_left) -> None:
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
@@ -235,7 +254,7 @@ def test_busy_port_refused_and_port_race_retried(models: Models, home: LocalHome
         models.undeploy("race")
 
 
-def test_redeploy_on_the_same_port_says_why_not(models: Models, no_servers_left) -> None:
+def test_redeploy_on_the_same_port_says_why_not(models: LocalBackend, no_servers_left) -> None:
     port = model_server.free_port()
     first = models.deploy(DeploySpec(model=ModelRef.parse("iris-clf/1"), name="pinned", port=port))
     try:
@@ -253,7 +272,7 @@ def test_against_a_real_tracking_server(mlflow_server, tmp_path: Path) -> None:
     """Registry and serving through ``mlflow server`` over HTTP (artifacts proxied by the server)."""
     runs = log_runs(mlflow_server.url, {"srv": {"artifact_path": "model", "shift": 2}}, cwd=str(tmp_path))
     home = LocalHome(root=tmp_path / "home", tracking_uri=mlflow_server.url)
-    backend = Models(home)
+    backend = LocalBackend(home)
     name = f"srv-{os.getpid()}-{int(time.time())}"
     info = backend.register_model(RegisterRequest(name=name, run_id=runs["srv"], alias="prod").validate())
     assert info.version == 1
@@ -267,7 +286,7 @@ def test_against_a_real_tracking_server(mlflow_server, tmp_path: Path) -> None:
     assert not _running(dep.pid)
 
 
-def test_server_that_does_not_answer_in_time_is_stopped(models: Models, home: LocalHome, no_servers_left) -> None:
+def test_server_that_does_not_answer_in_time_is_stopped(models: LocalBackend, home: LocalHome, no_servers_left) -> None:
     with pytest.raises(BackendError) as err:
         models.deploy(DeploySpec(model=ModelRef.parse("iris-clf"), name="slow"), wait=0.5)
     assert "did not answer within 0.5 s and was stopped" in err.value.message

@@ -1,13 +1,11 @@
-"""The local backend's registry and model serving.
+"""The local backend's deployments: one ``mlflow models serve`` process per name.
 
-Registry: MLflow's model registry in the local tracking store (``home.tracking_uri``),
-through ``MlflowClient``, with aliases (not the deprecated stages).
-
-Serving: each deployment is one ``mlflow models serve --env-manager local``
-process on a loopback port, recorded in ``home.deployments_dir/<name>.json`` so
-that a later kernel finds it, predicts through it and stops it. A second deploy
-of the same name starts the new server, waits until it answers, switches the
-record and only then stops the old one, so ``%predict NAME`` never goes dark.
+Each deployment is one ``mlflow models serve --env-manager local`` process on
+a loopback port (``model_server``), recorded in ``home.deployments_dir/<name>.json``
+so that a later kernel finds it, predicts through it and stops it. A second
+deploy of the same name starts the new server, waits until it answers,
+switches the record and only then stops the old one, so ``%predict NAME``
+never goes dark. The versions come from ``LocalRegistry``.
 """
 
 from __future__ import annotations
@@ -22,14 +20,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from hubml import names
+from hubml import names, scoring
 from hubml.errors import BackendError, Conflict, InvalidRequest, NotFound
-from hubml.magics.backend import ModelBackend
 from hubml.magics.local import model_server
 from hubml.magics.local.home import LocalHome
 from hubml.magics.local.model_server import ServerProcess
-from hubml.models import DeploySpec, DeploymentInfo, ModelRef, ModelVersionInfo, RegisteredModelInfo, RegisterRequest
-from hubml.scoring import predictions_from_response, scoring_payload
+from hubml.models import DeploySpec, DeploymentInfo, ModelRef
+from hubml.registry import Registry
 
 #: Seconds ``deploy`` waits for a new server to answer when the caller gives no limit.
 DEFAULT_DEPLOY_WAIT = 180.0
@@ -38,190 +35,11 @@ PORT_RETRIES = 3
 PREDICT_TIMEOUT = 60.0
 
 
-class LocalModels(ModelBackend):
-    """Mixin of ``LocalBackend``: reads ``self.home``, defines no ``__init__``."""
+class LocalDeployments:
+    """Mixin of ``LocalBackend``: reads ``self.home`` and ``self.registry``, defines no ``__init__``."""
 
     home: LocalHome
-
-    # ------------------------------------------------------------------ registry
-
-    def _client(self):
-        client = self.__dict__.get("_mlflow_client")
-        if client is None:
-            from mlflow.tracking import MlflowClient
-
-            client = MlflowClient(tracking_uri=self.home.tracking_uri, registry_uri=self.home.tracking_uri)
-            self.__dict__["_mlflow_client"] = client
-        return client
-
-    def register_model(self, request: RegisterRequest) -> ModelVersionInfo:
-        request.validate()
-        client = self._client()
-        run = self._get_run(request.run_id)
-        source, model_id = self._model_source(run, request.artifact_path)
-
-        from mlflow.exceptions import MlflowException
-
-        created_model = False
-        version = None
-        try:
-            if not self._registered_model_exists(request.name):
-                client.create_registered_model(request.name)
-                created_model = True
-            mv = client.create_model_version(
-                name=request.name, source=source, run_id=run.info.run_id, tags=request.tags or None,
-                model_id=model_id,
-            )
-            version = mv.version
-            if request.alias:
-                client.set_registered_model_alias(request.name, request.alias, mv.version)
-        except (MlflowException, OSError) as e:
-            # Undo what was created so a failed registration leaves nothing behind.
-            with contextlib.suppress(Exception):
-                if version is not None:
-                    client.delete_model_version(request.name, version)
-                if created_model:
-                    client.delete_registered_model(request.name)
-            raise BackendError(
-                f"MLflow refused to register run {request.run_id} as {request.name!r}: {_mlflow_message(e)}",
-                next_step=f"check that the tracking store {self.home.tracking_uri} is writable, then run "
-                          f"%register_model again.",
-            ) from None
-        return ModelVersionInfo(
-            name=request.name, version=int(mv.version), run_id=run.info.run_id, source=source,
-            aliases=[request.alias] if request.alias else [], tags=dict(request.tags),
-        )
-
-    def _get_run(self, run_id: str):
-        from mlflow.exceptions import MlflowException
-
-        try:
-            return self._client().get_run(run_id)
-        except MlflowException as e:
-            if _not_found(e):
-                raise NotFound(
-                    f"Run {run_id!r} does not exist in the tracking store {self.home.tracking_uri}. Use the run id "
-                    f"that %%train printed (or leave --run out to register the last run of this kernel)."
-                ) from None
-            raise _store_error(e, self.home.tracking_uri) from None
-
-    def _model_source(self, run, artifact_path: str) -> tuple[str, str | None]:
-        """Where the model of ``run`` at ``artifact_path`` lives: an MLflow 3 logged model, or run artifacts."""
-        client = self._client()
-        run_id = run.info.run_id
-        logged = []
-        token = None
-        while True:
-            page = client.search_logged_models(
-                experiment_ids=[run.info.experiment_id], filter_string=f"name = '{artifact_path}'", page_token=token
-            )
-            logged.extend(m for m in page if m.source_run_id == run_id)
-            token = page.token
-            if not token:
-                break
-        if logged:
-            newest = max(logged, key=lambda m: m.creation_timestamp or 0)
-            # The artifact location, not "models:/<id>": MLflow's registry stores resolve
-            # that URI through the *global* tracking URI, not this client's (an MLflow TODO).
-            return newest.artifact_location, newest.model_id
-        # MLflow 2 style: the model files sit in the run's artifacts.
-        with contextlib.suppress(Exception):
-            if any(a.path.endswith("MLmodel") for a in client.list_artifacts(run_id, artifact_path)):
-                return f"{run.info.artifact_uri.rstrip('/')}/{artifact_path}", None
-        others = sorted({m.name for m in self._run_logged_models(run)})
-        found = (f"it has models named {', '.join(repr(n) for n in others)}: pass --artifact-path "
-                 f"{others[0]}" if others else
-                 "it has no logged model at all: log one from rank 0, e.g. "
-                 "mlflow.pytorch.log_model(model, name='model')")
-        raise NotFound(f"Run {run_id} has no model at artifact path {artifact_path!r}; {found}.")
-
-    def _run_logged_models(self, run) -> list:
-        with contextlib.suppress(Exception):
-            page = self._client().search_logged_models(experiment_ids=[run.info.experiment_id], max_results=200)
-            return [m for m in page if m.source_run_id == run.info.run_id]
-        return []
-
-    def _registered_model_exists(self, name: str) -> bool:
-        from mlflow.exceptions import MlflowException
-
-        try:
-            self._client().get_registered_model(name)
-            return True
-        except MlflowException as e:
-            if _not_found(e):
-                return False
-            raise
-
-    def models(self) -> list[RegisteredModelInfo]:
-        from mlflow.exceptions import MlflowException
-
-        client = self._client()
-        try:
-            registered = _all_pages(client.search_registered_models)
-            versions = _all_pages(client.search_model_versions)
-        except MlflowException as e:
-            raise _store_error(e, self.home.tracking_uri) from None
-        by_name: dict[str, list[ModelVersionInfo]] = {}
-        for mv in versions:
-            by_name.setdefault(mv.name, []).append(ModelVersionInfo(
-                name=mv.name, version=int(mv.version), run_id=mv.run_id, source=mv.source,
-                aliases=[], tags=dict(mv.tags or {}),
-            ))
-        result = []
-        for rm in sorted(registered, key=lambda r: r.name):
-            aliases = {a: int(v) for a, v in (rm.aliases or {}).items()}
-            for v in by_name.get(rm.name, []):  # the search API leaves version aliases out
-                v.aliases = sorted(a for a, n in aliases.items() if n == v.version)
-            result.append(RegisteredModelInfo(
-                name=rm.name, versions=sorted(by_name.get(rm.name, []), key=lambda v: v.version), aliases=aliases,
-            ))
-        return result
-
-    def resolve(self, ref: ModelRef) -> ModelVersionInfo:
-        """The registered version ``ref`` points to now; ``NotFound`` naming what is missing."""
-        from mlflow.exceptions import MlflowException
-
-        client = self._client()
-        try:
-            try:
-                rm = client.get_registered_model(ref.name)
-            except MlflowException as e:
-                if _not_found(e):
-                    known = [m.name for m in _all_pages(client.search_registered_models)][:10]
-                    hint = f" Registered models: {', '.join(known)}." if known else " No model is registered yet."
-                    raise NotFound(
-                        f"No registered model named {ref.name!r}.{hint} Register one with "
-                        f"%register_model --name {ref.name}."
-                    ) from None
-                raise
-            versions = sorted(int(v.version) for v in _all_pages(
-                client.search_model_versions, filter_string=f"name = '{ref.name}'"))
-            if ref.alias:
-                aliases = dict(rm.aliases or {})
-                if ref.alias not in aliases:
-                    have = ", ".join(f"@{a}" for a in sorted(aliases)) or "none"
-                    raise NotFound(
-                        f"Model {ref.name!r} has no alias {ref.alias!r} (its aliases: {have}). Set it with "
-                        f"%register_model --name {ref.name} --alias {ref.alias}, or deploy {ref.name}/VERSION."
-                    )
-                mv = client.get_model_version(ref.name, str(aliases[ref.alias]))
-            elif ref.version:
-                if ref.version not in versions:
-                    raise NotFound(
-                        f"Model {ref.name!r} has no version {ref.version} (versions: "
-                        f"{', '.join(map(str, versions)) or 'none'}). %models lists them."
-                    )
-                mv = client.get_model_version(ref.name, str(ref.version))
-            else:
-                if not versions:
-                    raise NotFound(f"Model {ref.name!r} has no versions yet; register one with %register_model.")
-                mv = client.get_model_version(ref.name, str(versions[-1]))
-        except MlflowException as e:
-            raise _store_error(e, self.home.tracking_uri) from None
-        return ModelVersionInfo(name=mv.name, version=int(mv.version), run_id=mv.run_id, source=mv.source,
-                                aliases=sorted(getattr(mv, "aliases", []) or []), tags=dict(mv.tags or {}))
-
-    # ------------------------------------------------------------------ serving
+    registry: Registry
 
     def deploy(self, spec: DeploySpec, wait: float | None = None) -> DeploymentInfo:
         spec.validate()
@@ -230,7 +48,7 @@ class LocalModels(ModelBackend):
                 "The local backend serves exactly one replica on this machine: --min-replicas/--max-replicas, "
                 "--canary and --profile need the hub backend (--backend hub)."
             )
-        version = self.resolve(spec.model)
+        version = self.registry.resolve(spec.model)
         timeout = DEFAULT_DEPLOY_WAIT if wait is None else float(wait)
         if timeout <= 0:
             raise InvalidRequest(f"--timeout must be a positive number of seconds; got {wait!r}.")
@@ -356,7 +174,7 @@ class LocalModels(ModelBackend):
 
     def predict(self, name: str, data: Any) -> Any:
         names.dns_label(name, "Deployment name")
-        body = scoring_payload(data)
+        body = scoring.request_body(data)
         record = self._read_record(name)
         if record is None:
             raise NotFound(self._unknown_deployment(name))
@@ -385,19 +203,25 @@ class LocalModels(ModelBackend):
                     next_step=f"%deployments shows its state; %deploy {record['model']} --name {name} restarts it.",
                 ) from None
             if status == 200:
-                return predictions_from_response(answer)
-            message = answer.get("message", answer) if isinstance(answer, dict) else answer
+                return scoring.predictions(answer)
             if 400 <= status < 500:
-                raise InvalidRequest(
-                    f"Deployment {name!r} refused the data (HTTP {status}): {str(message).strip()[:600]} "
-                    f"Send rows shaped like the model's training data, e.g. [[5.1, 3.5, 1.4, 0.2]]."
-                )
+                raise scoring.refused_data(name, status, answer, self._signature(record),
+                                           str(record.get("model_uri") or record.get("model")))
             raise BackendError(
                 f"Deployment {name!r} failed to predict (HTTP {status}).",
                 next_step="look at the error below; the model may need a package missing in this environment.",
-                detail=str(message)[:2000],
+                detail=scoring.server_error_text(answer),
             )
         raise BackendError(f"Deployment {name!r} kept moving while predicting.", next_step="try again.")
+
+    def _signature(self, record: dict) -> str | None:
+        """The served version's input signature, from its MLmodel in the registry (None when unknown)."""
+        try:
+            name = ModelRef.parse(str(record.get("model") or "")).name
+            version = int(record.get("version") or 0)
+        except (InvalidRequest, ValueError):
+            return None
+        return self.registry.signature(name, version) if version else None
 
     # ------------------------------------------------------------------ records
 
@@ -456,26 +280,4 @@ def _unlink(path: str | Path) -> None:
             os.unlink(path)
 
 
-def _all_pages(search, **kwargs) -> list:
-    items, token = [], None
-    while True:
-        page = search(page_token=token, **kwargs) if token else search(**kwargs)
-        items.extend(page)
-        token = getattr(page, "token", None)
-        if not token:
-            return items
 
-
-def _not_found(e: Exception) -> bool:
-    return getattr(e, "error_code", "") in ("RESOURCE_DOES_NOT_EXIST", "NOT_FOUND")
-
-
-def _mlflow_message(e: Exception) -> str:
-    return str(getattr(e, "message", e)).strip().splitlines()[0][:400] if str(e).strip() else type(e).__name__
-
-
-def _store_error(e: Exception, uri: str) -> BackendError:
-    return BackendError(
-        f"The MLflow tracking store {uri} failed: {_mlflow_message(e)}",
-        next_step="check MLFLOW_TRACKING_URI (or HUBML_HOME) points to a reachable, writable store, then retry.",
-    )
