@@ -28,12 +28,12 @@ import time
 from hub_ext_common import running_stack
 
 from hubml.hub_ext import kube as k
-from hubml.hub_ext import objects
+from hubml.hub_ext import ownership, training_objects
 
 
 async def _all_running(svc, job_id: str, workers: int, t0: float) -> float:
     while True:
-        pods = await svc.kube.list(k.POD, svc.namespace, labels={objects.LABEL_JOB: job_id})
+        pods = await svc.kube.list(k.POD, svc.namespace, labels={ownership.LABEL_JOB: job_id})
         if len(pods) == workers and all((p.get("status") or {}).get("phase") == "Running" for p in pods):
             return time.perf_counter() - t0
         await asyncio.sleep(0.02)
@@ -56,11 +56,11 @@ async def via_service(svc, workers: int) -> float:
 
 async def direct(svc, workers: int) -> float:
     job_id = f"raw-{secrets.token_hex(4)}"
-    plan = objects.TrainingPlan(job_id=job_id, namespace=svc.namespace, username="alice",
+    plan = training_objects.TrainingPlan(job_id=job_id, namespace=svc.namespace, username="alice",
                                 image="quay.io/hubml/runtime:1", code="print('x')\n", workers=workers,
                                 resources={"requests": {"cpu": "1", "memory": "1073741824"}},
                                 pod_annotations={"kwok.hubml.io/outcome": "run"}, suspend=False)
-    manifest = objects.indexed_job(plan)
+    manifest = training_objects.indexed_job(plan)
     t0 = time.perf_counter()
     await svc.kube.create(manifest)
     elapsed = await _all_running(svc, job_id, workers, t0)

@@ -33,7 +33,7 @@ from hubml.registry import Registry
 
 from . import handlers
 from . import kube as k
-from . import objects
+from . import training_objects
 from .endpoints import KSERVE_URL_FIELDS, Endpoints, check_template
 from .policy import Caller, Policy
 from .serving import Serving
@@ -102,7 +102,7 @@ class HubMLService(Application):
     @validate("trainjob_runtime")
     def _check_trainjob_runtime(self, proposal: Any) -> str:
         try:
-            objects.TrainerRuntime(name=proposal.value).validate()
+            training_objects.TrainerRuntime(name=proposal.value).validate()
         except InvalidRequest as e:
             raise ValueError(str(e)) from None
         return proposal.value
@@ -242,14 +242,14 @@ class HubMLService(Application):
             self.exit_with(f"Kubernetes API unusable for namespace {self.namespace!r}: {e}")
         self.registry = Registry(self.mlflow_tracking_uri, unreachable_step=MLFLOW_DOWN_STEP)
         pod_uri = self.mlflow_pod_tracking_uri or self.mlflow_tracking_uri
-        egress = [objects.EgressRule(to=r.get("to", []), ports=r.get("ports", [])) for r in self.mlflow_egress] \
-            or objects.mlflow_egress_from_uri(pod_uri)
+        egress = [training_objects.EgressRule(to=r.get("to", []), ports=r.get("ports", [])) for r in self.mlflow_egress] \
+            or training_objects.mlflow_egress_from_uri(pod_uri)
         self.crds = CrdCache(self.kube, ttl=self.crd_cache_seconds)
         await self._check_training_operator()
         self.training = Training(self.kube, self.registry, self.policy, self.crds, flavour=self.training_flavour,
                                  mlflow_pod_uri=pod_uri, mlflow_egress=egress,
                                  extra_pod_annotations=dict(self.extra_pod_annotations),
-                                 trainer_runtime=objects.TrainerRuntime(self.trainjob_runtime,
+                                 trainer_runtime=training_objects.TrainerRuntime(self.trainjob_runtime,
                                                                         self.trainjob_runtime_kind))
         self.serving = Serving(self.kube, self.registry, self.policy, self.crds, flavour=self.serving_flavour,
                                mlflow_pod_uri=pod_uri,

@@ -29,6 +29,8 @@ from urllib.parse import urlsplit
 
 from hubml import scoring
 
+from .ownership import LABEL_USER
+
 #: Placeholders a template may use; each value is a DNS label or a label-safe slug, so safe in a host or path.
 PLACEHOLDERS = ("name", "namespace", "user", "flavour")
 FLAVOURS = ("deployment", "kserve")
@@ -123,8 +125,6 @@ class Endpoints:
 
     def url_for(self, obj: dict[str, Any]) -> str:
         """The prediction URL of an InferenceService or a scoring Deployment, as the API server reports it."""
-        from .objects import LABEL_USER
-
         meta = obj.get("metadata") or {}
         name, namespace = meta.get("name", ""), meta.get("namespace", "")
         user = (meta.get("labels") or {}).get(LABEL_USER, "")

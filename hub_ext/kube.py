@@ -7,7 +7,7 @@ retrying (connection errors, 429, 5xx, with exponential backoff) and nothing
 else, and (c) knows the URL layout of built-in and custom resources. The
 handlers and the job/serving logic only see dicts and these exceptions.
 
-Objects travel as plain dicts (the manifests of ``objects.py``, and what the
+Objects travel as plain dicts (the manifests of ``training_objects.py`` and ``serving_objects.py``, and what the
 API server returns), not as generated model classes: they are what tests
 compare, what the OpenAPI document describes, and CRDs have no models anyway.
 """

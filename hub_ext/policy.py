@@ -26,13 +26,14 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from hubml import names
 from hubml.errors import Forbidden, InvalidRequest, NotFound
 from hubml.jobs import JobState, JobStatus, TrainSpec, WorkerStatus
 from hubml.models import DeploySpec
 from hubml.pod_resources import pod_resources
 from hubml.profiles import Catalogue, Profile, UnknownProfileError
 
-from . import objects
+from . import ownership, serving_objects, training_objects
 
 
 @dataclass(frozen=True)
@@ -106,7 +107,7 @@ def choose_image(policy: Policy, profile: Profile | None, requested: str | None)
         return policy.default_image
     if not isinstance(requested, str):
         raise InvalidRequest("image must be a string such as 'quay.io/jupyter/pytorch-notebook:2025-01-06'.")
-    objects._check_image(requested)
+    names.image_reference(requested)
     choices = {c.image for c in profile.images} if profile is not None else set()
     if requested in choices or requested == policy.default_image:
         return requested
@@ -203,22 +204,22 @@ def admit_training(policy: Policy, caller: Caller, spec: TrainSpec, *, image: st
     check_quota(policy, caller, spec.workers, gpu_units(profile, gpus, spec.workers), list(active))
     admitted = AdmittedTraining(spec=spec, profile=profile, gpus=gpus, image=choose_image(policy, profile, image))
     if trainjob:  # what a Kubeflow TrainJob cannot express
-        objects.trainjob_node_selector(profile.node_selector() if profile else {},
+        training_objects.trainjob_node_selector(profile.node_selector() if profile else {},
                                        profile.node_affinity() if profile else [])
-        objects.trainjob_env_check(spec.env, (*SYSTEM_ENV_NAMES, *pod_resources(profile, gpus).env))
+        training_objects.trainjob_env_check(spec.env, (*SYSTEM_ENV_NAMES, *pod_resources(profile, gpus).env))
     return admitted
 
 
 def assemble_training(policy: Policy, caller: Caller, admitted: AdmittedTraining, *, job_id: str,
                       mlflow_env: dict[str, str], record: dict[str, Any],
-                      extra_pod_annotations: dict[str, str] | None = None) -> objects.TrainingPlan:
+                      extra_pod_annotations: dict[str, str] | None = None) -> training_objects.TrainingPlan:
     """The plan of an admitted job's Kubernetes objects, once its MLflow run exists."""
     spec, profile, gpus = admitted.spec, admitted.profile, admitted.gpus
     record = {**record, "gpus_per_worker": gpus, "profile": profile.name if profile else None}
     annotations = dict(profile.pod_annotations()) if profile else {}
     annotations.update(extra_pod_annotations or {})
     resources = pod_resources(profile, gpus)
-    plan = objects.TrainingPlan(
+    plan = training_objects.TrainingPlan(
         job_id=job_id, namespace=policy.namespace, username=caller.name, image=admitted.image, code=spec.code,
         workers=spec.workers, nproc_per_node=max(gpus, 1) if not (profile and profile.gpu and profile.gpu.shared) else 1,
         resources=resources.kubernetes(),
@@ -239,7 +240,7 @@ def assemble_training(policy: Policy, caller: Caller, admitted: AdmittedTraining
 def plan_training(policy: Policy, caller: Caller, spec: TrainSpec, *, job_id: str,
                   mlflow_env: dict[str, str], record: dict[str, Any], image: str | None = None,
                   active: list[JobStatus] = (), extra_pod_annotations: dict[str, str] | None = None
-                  ) -> objects.TrainingPlan:
+                  ) -> training_objects.TrainingPlan:
     """Admission and assembly in one step, for callers that have the run already (tests, benchmarks)."""
     admitted = admit_training(policy, caller, spec, image=image, active=active)
     return assemble_training(policy, caller, admitted, job_id=job_id, mlflow_env=mlflow_env, record=record,
@@ -282,11 +283,11 @@ def admit_serving(policy: Policy, caller: Caller, spec: DeploySpec, *, kserve: b
 
 
 def assemble_serving(policy: Policy, caller: Caller, admitted: AdmittedServing, *, version: int,
-                     storage_uri: str, env: dict[str, str]) -> objects.ServingPlan:
+                     storage_uri: str, env: dict[str, str]) -> serving_objects.ServingPlan:
     """The plan of an admitted deployment, once the registry resolved the model version."""
     spec, profile = admitted.spec, admitted.profile
     resources = pod_resources(profile)
-    plan = objects.ServingPlan(
+    plan = serving_objects.ServingPlan(
         name=spec.name, namespace=policy.namespace, username=caller.name, model=str(spec.model),
         model_name=spec.model.name, version=version, storage_uri=storage_uri, image=policy.serving_image,
         min_replicas=spec.min_replicas, max_replicas=max(spec.max_replicas, 1), canary_percent=spec.canary_percent,
@@ -300,7 +301,7 @@ def assemble_serving(policy: Policy, caller: Caller, admitted: AdmittedServing, 
 
 
 def plan_serving(policy: Policy, caller: Caller, spec: DeploySpec, *, version: int, storage_uri: str,
-                 kserve: bool, env: dict[str, str], existing: list[str] = ()) -> objects.ServingPlan:
+                 kserve: bool, env: dict[str, str], existing: list[str] = ()) -> serving_objects.ServingPlan:
     """Admission and assembly in one step, for callers that resolved the model already (tests)."""
     admitted = admit_serving(policy, caller, spec, kserve=kserve, existing=existing)
     return assemble_serving(policy, caller, admitted, version=version, storage_uri=storage_uri, env=env)
@@ -314,9 +315,9 @@ def require_owner(obj: dict[str, Any] | None, caller: Caller, what: str, name: s
     if obj is None:
         raise NotFound(f"{what} {name!r} does not exist (it may have been removed after it finished).")
     labels = (obj.get("metadata") or {}).get("labels") or {}
-    if labels.get(objects.LABEL_MANAGED_BY) != objects.MANAGED_BY:
+    if labels.get(ownership.LABEL_MANAGED_BY) != ownership.MANAGED_BY:
         raise NotFound(f"{what} {name!r} does not exist.")
-    if not objects.owned_by(obj, caller.name):
+    if not ownership.owned_by(obj, caller.name):
         raise Forbidden(f"{what} {name!r} belongs to another user; you can only see and change your own.")
     return obj
 
@@ -328,7 +329,7 @@ def spec_record(obj: dict[str, Any]) -> dict[str, Any]:
     """The request hubml recorded on an object (``hubml.io/spec``); ``{}`` when absent or unreadable."""
     import json
 
-    raw = ((obj.get("metadata") or {}).get("annotations") or {}).get(objects.ANNOTATION_SPEC, "{}")
+    raw = ((obj.get("metadata") or {}).get("annotations") or {}).get(ownership.ANNOTATION_SPEC, "{}")
     try:
         data = json.loads(raw)
     except ValueError:
@@ -364,7 +365,7 @@ def _pod_state(pod: dict[str, Any]) -> tuple[JobState, int | None]:
 def pod_rank(pod: dict[str, Any]) -> int | None:
     meta = pod.get("metadata") or {}
     for source in (meta.get("labels") or {}, meta.get("annotations") or {}):
-        value = source.get(objects.COMPLETION_INDEX_LABEL)
+        value = source.get(ownership.COMPLETION_INDEX_LABEL)
         if value is not None and str(value).isdigit():
             return int(value)
     labels = meta.get("labels") or {}
@@ -382,7 +383,7 @@ def trainjob_running(job: dict[str, Any]) -> bool:
     ``node`` (one Job of ``numNodes`` pods) means every worker runs.
     """
     for entry in (job.get("status") or {}).get("jobsStatus") or ():
-        if entry.get("name") == objects.TRAINER_NODE:
+        if entry.get("name") == training_objects.TRAINER_NODE:
             return int(entry.get("ready") or 0) + int(entry.get("succeeded") or 0) >= 1
     return False
 
@@ -419,7 +420,7 @@ def job_status(job: dict[str, Any], pods: list[dict[str, Any]]) -> JobStatus:
                          for w in worker_states]
     failed = [w for w in worker_states if w.state is JobState.FAILED]
     message = ""
-    if annotations.get(objects.ANNOTATION_CANCELLED):
+    if annotations.get(ownership.ANNOTATION_CANCELLED):
         state = JobState.CANCELLED
         message = "Cancelled by the user."
     elif "Complete" in conditions or "Succeeded" in conditions:
@@ -443,8 +444,8 @@ def job_status(job: dict[str, Any], pods: list[dict[str, Any]]) -> JobStatus:
     finished_at = None
     if state.finished:
         finished_at = _ts(status.get("completionTime")) or _ts((conditions.get("Failed") or {}).get(
-            "lastTransitionTime")) or _ts((conditions.get("Complete") or {}).get("lastTransitionTime")) or _ts(annotations.get(objects.ANNOTATION_CANCELLED) if
-                                          annotations.get(objects.ANNOTATION_CANCELLED, "").endswith("Z") else None)
+            "lastTransitionTime")) or _ts((conditions.get("Complete") or {}).get("lastTransitionTime")) or _ts(annotations.get(ownership.ANNOTATION_CANCELLED) if
+                                          annotations.get(ownership.ANNOTATION_CANCELLED, "").endswith("Z") else None)
     started = _ts(status.get("startTime"))
     return JobStatus(
         id=meta.get("name", ""), state=state, workers=workers, backend="hub", created=created,

@@ -18,7 +18,7 @@ from hubml.models import DeploySpec, DeploymentInfo, ModelRef
 from hubml.registry import Registry
 
 from . import kube as k
-from . import objects, policy as pol
+from . import ownership, serving_objects, policy as pol
 from .endpoints import Endpoints
 from .training import CrdCache
 
@@ -87,10 +87,10 @@ class Serving:
         return await self.crds.use_operator(self.flavour, "kserve", "InferenceService")
 
     async def _objects(self, caller: pol.Caller) -> list[dict[str, Any]]:
-        labels = {objects.LABEL_USER: objects.user_slug(caller.name), objects.LABEL_KIND: objects.KIND_SERVING}
+        labels = {ownership.LABEL_USER: ownership.user_slug(caller.name), ownership.LABEL_KIND: ownership.KIND_SERVING}
         kinds = [k.DEPLOYMENT] + ([k.INFERENCE_SERVICE] if (await self.crds.get()).get("InferenceService") else [])
         found = await asyncio.gather(*(self.kube.list(r, self.ns, labels=labels) for r in kinds))
-        return [o for items in found for o in items if objects.owned_by(o, caller.name)]
+        return [o for items in found for o in items if ownership.owned_by(o, caller.name)]
 
     async def _find(self, name: str) -> dict[str, Any] | None:
         if (await self.crds.get()).get("InferenceService"):
@@ -119,7 +119,7 @@ class Serving:
         spec = deploy_spec_from_body(body)
         kserve = await self._kserve()
         existing_obj = await self._find(spec.name)
-        if existing_obj is not None and not objects.owned_by(existing_obj, caller.name):
+        if existing_obj is not None and not ownership.owned_by(existing_obj, caller.name):
             raise Conflict(f"The deployment name {spec.name!r} is taken by another user; choose another --name.")
         mine = [o["metadata"]["name"] for o in await self._objects(caller)]
         # every refusal policy can make first (no I/O), then the registry, then the plan, once
@@ -128,7 +128,7 @@ class Serving:
         plan = pol.assemble_serving(self.policy, caller, admitted, version=version, storage_uri=uri,
                                     env={"MLFLOW_TRACKING_URI": self.mlflow_pod_uri})
         if kserve:
-            isvc = objects.inference_service(plan)
+            isvc = serving_objects.inference_service(plan)
             if existing_obj is not None and existing_obj.get("kind") == "InferenceService":
                 obj = await self.kube.patch(k.INFERENCE_SERVICE, self.ns, spec.name,
                                             {"metadata": {"annotations": isvc["metadata"]["annotations"]},
@@ -138,18 +138,18 @@ class Serving:
                     await self._delete_trio(caller, spec.name)
                 obj = await self.kube.create(isvc)
             return deployment_info(obj, self.endpoints)
-        dep = objects.scoring_deployment(plan)
+        dep = serving_objects.scoring_deployment(plan)
         if existing_obj is not None and existing_obj.get("kind") == "Deployment":
             obj = await self.kube.patch(k.DEPLOYMENT, self.ns, spec.name,
                                         {"metadata": {"annotations": dep["metadata"]["annotations"]},
                                          "spec": dep["spec"]})
-            await self.kube.patch(k.HPA, self.ns, spec.name, {"spec": objects.scoring_hpa(plan)["spec"]})
+            await self.kube.patch(k.HPA, self.ns, spec.name, {"spec": serving_objects.scoring_hpa(plan)["spec"]})
             return deployment_info(obj, self.endpoints)
         obj = await self.kube.create(dep)
         try:
-            owner = objects.owner_reference(obj)
-            await asyncio.gather(self.kube.create(objects.scoring_service(plan, owner)),
-                                 self.kube.create(objects.scoring_hpa(plan, owner)))
+            owner = ownership.owner_reference(obj)
+            await asyncio.gather(self.kube.create(serving_objects.scoring_service(plan, owner)),
+                                 self.kube.create(serving_objects.scoring_hpa(plan, owner)))
         except BaseException:
             await self._delete_trio(caller, spec.name)
             raise
@@ -159,8 +159,8 @@ class Serving:
         """Delete the Deployment, Service and HPA called ``name`` that are the caller's (only those)."""
         for res in (k.DEPLOYMENT, k.SERVICE, k.HPA):
             obj = await self.kube.get_or_none(res, self.ns, name)
-            if obj is not None and objects.owned_by(obj, caller.name) and \
-                    (obj["metadata"].get("labels") or {}).get(objects.LABEL_KIND) == objects.KIND_SERVING:
+            if obj is not None and ownership.owned_by(obj, caller.name) and \
+                    (obj["metadata"].get("labels") or {}).get(ownership.LABEL_KIND) == ownership.KIND_SERVING:
                 await self.kube.delete(res, self.ns, name)
 
     async def delete(self, caller: pol.Caller, name: str) -> None:

@@ -32,7 +32,7 @@ from hubml.jobs import JobState, JobStatus, LogLine, TrainSpec
 
 from . import kube as k
 from . import log_cursor as lc
-from . import objects, policy as pol
+from . import ownership, training_objects, policy as pol
 from hubml.registry import Registry
 
 @dataclass
@@ -76,7 +76,7 @@ class JobReflector:
     def __init__(self, namespace: str) -> None:
         from kubespawner.reflector import NamespacedResourceReflector
 
-        labels = {objects.LABEL_MANAGED_BY: objects.MANAGED_BY, objects.LABEL_KIND: objects.KIND_TRAINING}
+        labels = {ownership.LABEL_MANAGED_BY: ownership.MANAGED_BY, ownership.LABEL_KIND: ownership.KIND_TRAINING}
         self.jobs = NamespacedResourceReflector(kind="jobs", namespace=namespace, labels=labels,
                                                 api_group_name="BatchV1Api", list_method_name="list_namespaced_job")
         self.pods = NamespacedResourceReflector(kind="pods", namespace=namespace, labels=labels)
@@ -92,9 +92,9 @@ class Training:
     """The jobs half of the service; one instance per service process."""
 
     def __init__(self, kube: k.Kube, registry: Registry, policy: pol.Policy, crds: CrdCache, *,
-                 flavour: str = "auto", mlflow_pod_uri: str, mlflow_egress: list[objects.EgressRule],
+                 flavour: str = "auto", mlflow_pod_uri: str, mlflow_egress: list[training_objects.EgressRule],
                  extra_pod_annotations: dict[str, str] | None = None,
-                 trainer_runtime: objects.TrainerRuntime = objects.TrainerRuntime()) -> None:
+                 trainer_runtime: training_objects.TrainerRuntime = training_objects.TrainerRuntime()) -> None:
         self.kube = kube
         self.registry = registry
         self.policy = policy
@@ -146,15 +146,15 @@ class Training:
             plan = pol.assemble_training(self.policy, caller, admitted, job_id=job_id, mlflow_env=env,
                                          record=record, extra_pod_annotations=self.extra_pod_annotations)
             if flavour == "trainjob":
-                manifest = objects.train_job(plan, self.trainer_runtime)
-                selector = objects.trainjob_pod_selector(job_id)
+                manifest = training_objects.train_job(plan, self.trainer_runtime)
+                selector = training_objects.trainjob_pod_selector(job_id)
             else:
-                manifest = objects.pytorch_job(plan) if flavour == "pytorchjob" else objects.indexed_job(plan)
+                manifest = training_objects.pytorch_job(plan) if flavour == "pytorchjob" else training_objects.indexed_job(plan)
                 selector = None
-            deps = [objects.code_config_map(plan),
-                    objects.training_network_policy(plan, self.mlflow_egress, pod_selector=selector)]
+            deps = [training_objects.code_config_map(plan),
+                    training_objects.training_network_policy(plan, self.mlflow_egress, pod_selector=selector)]
             if flavour == "job":
-                deps.append(objects.rendezvous_service(plan))
+                deps.append(training_objects.rendezvous_service(plan))
         except BaseException:
             await asyncio.to_thread(self.registry.end_run, run["run_id"], "FAILED")
             raise
@@ -168,7 +168,7 @@ class Training:
                 made.append(result)
             created = await self.kube.create(manifest)
             # ... and belong to the job, so that TTL or a delete of the job removes them
-            owner = {"metadata": {"ownerReferences": [objects.owner_reference(created)]}}
+            owner = {"metadata": {"ownerReferences": [ownership.owner_reference(created)]}}
             await asyncio.gather(*(self.kube.patch(k.resource_of(d), self.ns, d["metadata"]["name"], owner)
                                    for d in made))
         except BaseException:
@@ -204,9 +204,9 @@ class Training:
         return res, job
 
     async def _pods(self, labels: dict[str, str]) -> list[dict[str, Any]]:
-        job_id = labels.get(objects.LABEL_JOB)
+        job_id = labels.get(ownership.LABEL_JOB)
         if job_id in self._trainjob_ids:  # (``_find`` saw it) the JobSet's pods: not in the reflector
-            return await self.kube.list(k.POD, self.ns, labels=objects.trainjob_pod_selector(job_id))
+            return await self.kube.list(k.POD, self.ns, labels=training_objects.trainjob_pod_selector(job_id))
         if self.cache is not None:
             return [p for p in self.cache.pods.resources.values()
                     if all(((p.get("metadata") or {}).get("labels") or {}).get(key) == value
@@ -215,24 +215,24 @@ class Training:
 
     async def get(self, caller: pol.Caller, job_id: str) -> JobStatus:
         _res, job = await self._find(caller, job_id)
-        pods = await self._pods({objects.LABEL_JOB: job_id, objects.LABEL_KIND: objects.KIND_TRAINING})
+        pods = await self._pods({ownership.LABEL_JOB: job_id, ownership.LABEL_KIND: ownership.KIND_TRAINING})
         return pol.job_status(job, pods)
 
     async def list(self, caller: pol.Caller) -> list[JobStatus]:
-        labels = {objects.LABEL_USER: objects.user_slug(caller.name), objects.LABEL_KIND: objects.KIND_TRAINING}
+        labels = {ownership.LABEL_USER: ownership.user_slug(caller.name), ownership.LABEL_KIND: ownership.KIND_TRAINING}
         kinds = [] if self.cache is not None else [k.JOB]
         found = await self.crds.get() if self.flavour != "job" else {}
         kinds += [r for r in (k.PYTORCH_JOB, k.TRAIN_JOB) if found.get(r.kind)]
         results = list(await asyncio.gather(*(self.kube.list(r, self.ns, labels=labels) for r in kinds),
                                             self._pods(labels)))
         if self.cache is not None:
-            slug = labels[objects.LABEL_USER]
+            slug = labels[ownership.LABEL_USER]
             results.insert(0, [j for j in self.cache.jobs.resources.values()
-                               if ((j.get("metadata") or {}).get("labels") or {}).get(objects.LABEL_USER) == slug])
-        jobs = [j for items in results[:-1] for j in items if objects.owned_by(j, caller.name)]
+                               if ((j.get("metadata") or {}).get("labels") or {}).get(ownership.LABEL_USER) == slug])
+        jobs = [j for items in results[:-1] for j in items if ownership.owned_by(j, caller.name)]
         by_job: dict[str, list[dict[str, Any]]] = {}
         for pod in results[-1]:
-            by_job.setdefault(((pod.get("metadata") or {}).get("labels") or {}).get(objects.LABEL_JOB, ""),
+            by_job.setdefault(((pod.get("metadata") or {}).get("labels") or {}).get(ownership.LABEL_JOB, ""),
                               []).append(pod)
         statuses = [pol.job_status(j, by_job.get(j["metadata"]["name"], [])) for j in jobs]
         await self._expire_trainjobs(jobs, statuses)
@@ -263,7 +263,7 @@ class Training:
         if status.state.finished:
             return status
         now = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-        patch: dict[str, Any] = {"metadata": {"annotations": {objects.ANNOTATION_CANCELLED: now}}}
+        patch: dict[str, Any] = {"metadata": {"annotations": {ownership.ANNOTATION_CANCELLED: now}}}
         if res is k.JOB:
             patch["spec"] = {"activeDeadlineSeconds": 1, "suspend": False}
         elif res is k.TRAIN_JOB:
@@ -290,7 +290,7 @@ class Training:
         its first line, announced by a line saying so. A pod the cursor names
         that is gone is followed by the rank's pods created since it.
         """
-        pods = await self._pods({objects.LABEL_JOB: job_id, objects.LABEL_KIND: objects.KIND_TRAINING})
+        pods = await self._pods({ownership.LABEL_JOB: job_id, ownership.LABEL_KIND: ownership.KIND_TRAINING})
         by_rank: dict[int, list[dict[str, Any]]] = {}
         for pod in pods:
             rank = pol.pod_rank(pod)

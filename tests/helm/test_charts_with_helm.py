@@ -75,8 +75,8 @@ def permissions(rules: list[dict]) -> set[tuple[str, str, str]]:
 
 
 def test_rbac_grants_exactly_what_hub_ext_needs():
-    """The chart's Role is hubml.hub_ext.objects.service_rbac(): hub_ext's own statement of its needs."""
-    from hubml.hub_ext.objects import service_rbac
+    """The chart's Role is hubml.hub_ext.rbac.service_rbac(): hub_ext's own statement of its needs."""
+    from hubml.hub_ext.rbac import service_rbac
 
     docs = render()
     needed_role, _, needed_cluster_role, _ = service_rbac("hubml")

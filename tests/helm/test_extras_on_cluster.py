@@ -131,7 +131,7 @@ async def test_every_rendered_object_is_accepted(applied, kube_cluster):
 
 async def test_hub_ext_identity_does_its_work(applied, kube_cluster, kube_api, kube_namespace, tmp_path):
     from hubml.hub_ext import kube as k
-    from hubml.hub_ext import objects
+    from hubml.hub_ext import ownership, rbac, serving_objects, training_objects
 
     ns = kube_namespace
     kubeconfig = await service_account_kubeconfig(kube_cluster, kube_api, ns, "hubml-hub-ext",
@@ -139,34 +139,34 @@ async def test_hub_ext_identity_does_its_work(applied, kube_cluster, kube_api, k
     kube = await k.Kube.connect(kubeconfig=str(kubeconfig), retries=0)
     try:
         # training, as hub_ext submits it: suspended Job, its dependants, resume
-        plan = objects.TrainingPlan(job_id="train-rbac1", namespace=ns, username="alice",
+        plan = training_objects.TrainingPlan(job_id="train-rbac1", namespace=ns, username="alice",
                                     image="ghcr.io/hubml/singleuser:0.1.0", code="print('hi')\n",
                                     workers=2).validate()
-        job = await kube.create(objects.indexed_job(plan))
-        owner = objects.owner_reference(job)
-        for dep in (objects.code_config_map(plan, owner),
-                    objects.training_network_policy(plan, objects.mlflow_egress_from_uri("http://hubml-mlflow:5000"),
+        job = await kube.create(training_objects.indexed_job(plan))
+        owner = ownership.owner_reference(job)
+        for dep in (training_objects.code_config_map(plan, owner),
+                    training_objects.training_network_policy(plan, training_objects.mlflow_egress_from_uri("http://hubml-mlflow:5000"),
                                                     owner),
-                    objects.rendezvous_service(plan, owner)):
+                    training_objects.rendezvous_service(plan, owner)):
             await kube.create(dep)
         await kube.patch(k.JOB, ns, plan.job_id, {"spec": {"suspend": False}})
-        assert await kube.list(k.POD, ns, labels={objects.LABEL_JOB: plan.job_id}) is not None
+        assert await kube.list(k.POD, ns, labels={ownership.LABEL_JOB: plan.job_id}) is not None
         assert await kube.list(k.NODE, None), "the capacity reader must list nodes"
 
-        pj_plan = objects.TrainingPlan(job_id="train-rbac2", namespace=ns, username="alice",
+        pj_plan = training_objects.TrainingPlan(job_id="train-rbac2", namespace=ns, username="alice",
                                        image="ghcr.io/hubml/singleuser:0.1.0", code="print('hi')\n",
                                        workers=2).validate()
-        await kube.create(objects.pytorch_job(pj_plan))
-        await kube.create(objects.train_job(replace(pj_plan, job_id="train-rbac3")))
+        await kube.create(training_objects.pytorch_job(pj_plan))
+        await kube.create(training_objects.train_job(replace(pj_plan, job_id="train-rbac3")))
 
-        serve = objects.ServingPlan(name="iris", namespace=ns, username="alice", model="iris-clf@champion",
+        serve = serving_objects.ServingPlan(name="iris", namespace=ns, username="alice", model="iris-clf@champion",
                                     model_name="iris-clf", version=1, storage_uri="mlflow-artifacts:/1/abc/artifacts/model",
                                     image="ghcr.io/mlflow/mlflow:v3.17.2", max_replicas=2).validate()
-        await kube.create(objects.inference_service(serve))
-        deployment = await kube.create(objects.scoring_deployment(serve))
-        owner = objects.owner_reference(deployment)
-        await kube.create(objects.scoring_service(serve, owner))
-        await kube.create(objects.scoring_hpa(serve, owner))
+        await kube.create(serving_objects.inference_service(serve))
+        deployment = await kube.create(serving_objects.scoring_deployment(serve))
+        owner = ownership.owner_reference(deployment)
+        await kube.create(serving_objects.scoring_service(serve, owner))
+        await kube.create(serving_objects.scoring_hpa(serve, owner))
 
         # and it cleans up after itself
         for res, name in ((k.JOB, plan.job_id), (k.PYTORCH_JOB, pj_plan.job_id), (k.TRAIN_JOB, "train-rbac3"),
@@ -178,8 +178,8 @@ async def test_hub_ext_identity_does_its_work(applied, kube_cluster, kube_api, k
 
 
 def needed_by_hub_ext(namespace: str) -> list[tuple[str, str, str, str]]:
-    """(verb, resource, group, subresource) hub_ext says it needs (hubml.hub_ext.objects.service_rbac)."""
-    from hubml.hub_ext.objects import service_rbac
+    """(verb, resource, group, subresource) hub_ext says it needs (hubml.hub_ext.rbac.service_rbac)."""
+    from hubml.hub_ext.rbac import service_rbac
 
     out = []
     for rule in service_rbac(namespace)[0]["rules"]:

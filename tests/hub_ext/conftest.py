@@ -59,7 +59,7 @@ def policy(catalogue):
 # JupyterHub (with configurable-http-proxy) + the hub service as a JupyterHub
 # service + the test control plane (kwok nodes) + an MLflow server. The service
 # runs as its own process with a ServiceAccount kubeconfig bound to exactly the
-# RBAC of objects.service_rbac, so the tests also prove that RBAC is enough.
+# RBAC of rbac.service_rbac, so the tests also prove that RBAC is enough.
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SCOPES = ["custom:hubml:jobs", "custom:hubml:models", "custom:hubml:deployments"]
@@ -170,11 +170,11 @@ async def start_stack(cluster, mlflow_url: str, tmp: Path, *, users: list[str] =
     """Start JupyterHub + the hub service against ``cluster`` and an MLflow server (also used by bench/).
 
     Creates a fresh namespace, the service's ServiceAccount and exactly the RBAC of
-    ``objects.service_rbac``, and a kubeconfig for that ServiceAccount. Call
+    ``rbac.service_rbac``, and a kubeconfig for that ServiceAccount. Call
     ``stop_stack`` to undo everything.
     """
     from hubml.hub_ext import kube as k
-    from hubml.hub_ext.objects import service_rbac
+    from hubml.hub_ext.rbac import service_rbac
 
     namespace = f"hubml-{secrets.token_hex(3)}"
     api = cluster.api_client()
@@ -212,7 +212,7 @@ async def start_stack(cluster, mlflow_url: str, tmp: Path, *, users: list[str] =
 
 async def stop_stack(svc: HubService) -> None:
     from hubml.hub_ext import kube as k
-    from hubml.hub_ext.objects import service_rbac
+    from hubml.hub_ext.rbac import service_rbac
 
     stop_process(svc.proc)
     svc.hub.stop()

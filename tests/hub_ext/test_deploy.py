@@ -11,7 +11,7 @@ import mlflow.pyfunc
 import pytest
 
 from hubml.hub_ext import kube as k
-from hubml.hub_ext import objects
+from hubml.hub_ext import ownership
 from hubml_testing.kube import wait_for
 
 pytestmark = [pytest.mark.kube, pytest.mark.hub, pytest.mark.slow]
@@ -84,7 +84,7 @@ async def test_inference_service_and_canary(hub_service, alice_model):
     pred = isvc["spec"]["predictor"]
     assert pred["model"]["modelFormat"]["name"] == "mlflow" and pred["model"]["storageUri"]
     assert (pred["minReplicas"], pred["maxReplicas"]) == (1, 3)
-    assert isvc["metadata"]["labels"][objects.LABEL_USER] == "alice"
+    assert isvc["metadata"]["labels"][ownership.LABEL_USER] == "alice"
 
     # a second version as a 20 % canary on the same endpoint
     status, _ = await asyncio.to_thread(svc.call, "POST", "/models", {"name": "hubext-isvc", "run_id": alice_model})

@@ -19,7 +19,7 @@ import pytest
 
 from hubml.hub_ext import kube as k
 from hubml.hub_ext import log_cursor as lc
-from hubml.hub_ext import objects
+from hubml.hub_ext import ownership
 from hubml_testing.kube import set_pod_outcome, wait_for
 from hubml_testing.kube_cluster import append_container_log
 
@@ -29,9 +29,9 @@ CODE = "print('hello from a worker')\n"
 async def _running_pods(svc: Any, job_id: str, workers: int) -> dict[int, dict[str, Any]]:
     """The job's Running pods by rank (completion index)."""
     async def ready() -> dict[int, dict[str, Any]] | None:
-        pods = await svc.kube.list(k.POD, svc.namespace, labels={objects.LABEL_JOB: job_id})
+        pods = await svc.kube.list(k.POD, svc.namespace, labels={ownership.LABEL_JOB: job_id})
         if len(pods) == workers and all(p["status"].get("phase") == "Running" for p in pods):
-            return {int(p["metadata"]["labels"][objects.COMPLETION_INDEX_LABEL]): p for p in pods}
+            return {int(p["metadata"]["labels"][ownership.COMPLETION_INDEX_LABEL]): p for p in pods}
         return None
 
     return await wait_for(ready, timeout=60, what=f"{workers} Running pods of {job_id}")

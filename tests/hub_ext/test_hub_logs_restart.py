@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from hubml.hub_ext import kube as k
-from hubml.hub_ext import objects
+from hubml.hub_ext import ownership
 from hubml_testing.kube import set_pod_outcome, wait_for
 from hubml_testing.kube_cluster import append_container_log
 
@@ -32,8 +32,8 @@ async def retrying_service(kube_cluster, mlflow_server, tmp_path_factory):
 
 
 async def _rank_pods(svc: Any, job_id: str, rank: int) -> list[dict[str, Any]]:
-    pods = await svc.kube.list(k.POD, svc.namespace, labels={objects.LABEL_JOB: job_id})
-    return [p for p in pods if p["metadata"]["labels"].get(objects.COMPLETION_INDEX_LABEL) == str(rank)]
+    pods = await svc.kube.list(k.POD, svc.namespace, labels={ownership.LABEL_JOB: job_id})
+    return [p for p in pods if p["metadata"]["labels"].get(ownership.COMPLETION_INDEX_LABEL) == str(rank)]
 
 
 async def _new_running_pod(svc: Any, job_id: str, rank: int, not_uids: set[str]) -> dict[str, Any]:

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from hubml.errors import Forbidden, InvalidRequest, NotFound
-from hubml.hub_ext import objects, policy as pol
+from hubml.hub_ext import ownership, serving_objects, training_objects, policy as pol
 from hubml.jobs import JobState, JobStatus, TrainSpec
 from hubml.models import DeploySpec, ModelRef
 
@@ -24,7 +24,7 @@ def _plan(policy, caller=ALICE, **spec_kw):
 
 def test_indexed_job_shape(policy):
     plan = _plan(policy, workers=4, profile="a100", gpus_per_worker=2, env={"LR": "0.1"}, timeout=600)
-    job = objects.indexed_job(plan)
+    job = training_objects.indexed_job(plan)
     spec = job["spec"]
     assert (spec["completionMode"], spec["completions"], spec["parallelism"]) == ("Indexed", 4, 4)
     assert spec["suspend"] is False and spec["backoffLimit"] == 0 and spec["activeDeadlineSeconds"] == 600
@@ -47,37 +47,37 @@ def test_indexed_job_shape(policy):
     assert "NVIDIA_VISIBLE_DEVICES" not in env  # the device plugin sets it for the GPUs it gives
     assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
     labels = job["metadata"]["labels"]
-    assert labels[objects.LABEL_USER] == "alice" and labels[objects.LABEL_KIND] == "training"
-    assert labels[objects.LABEL_JOB] == "train-0123456789"
+    assert labels[ownership.LABEL_USER] == "alice" and labels[ownership.LABEL_KIND] == "training"
+    assert labels[ownership.LABEL_JOB] == "train-0123456789"
     tpl_labels = spec["template"]["metadata"]["labels"]
-    assert tpl_labels[objects.LABEL_JOB] == "train-0123456789" and tpl_labels["hubml.io/profile"] == "a100"
-    record = json.loads(job["metadata"]["annotations"][objects.ANNOTATION_SPEC])
+    assert tpl_labels[ownership.LABEL_JOB] == "train-0123456789" and tpl_labels["hubml.io/profile"] == "a100"
+    record = json.loads(job["metadata"]["annotations"][ownership.ANNOTATION_SPEC])
     assert record["gpus_per_worker"] == 2 and record["profile"] == "a100"
 
 
 @pytest.mark.parametrize("profile", [None, "cpu"])
 def test_cpu_workers_and_model_servers_see_no_gpu(policy, profile):
-    job = objects.indexed_job(_plan(policy, workers=2, profile=profile))
+    job = training_objects.indexed_job(_plan(policy, workers=2, profile=profile))
     env = {e["name"]: e.get("value") for e in job["spec"]["template"]["spec"]["containers"][0]["env"]}
     assert env["NVIDIA_VISIBLE_DEVICES"] == "void"
     assert not any(k.startswith("nvidia.com/") for k in job["spec"]["template"]["spec"]["containers"][0]
                    ["resources"].get("limits", {}))
     plan = pol.plan_serving(policy, ALICE, DeploySpec(name="clf", model=ModelRef.parse("m/1"), profile=profile),
                             version=1, storage_uri="models:/m/1", kserve=False, env={"MLFLOW_TRACKING_URI": "http://m"})
-    served = objects.scoring_deployment(plan)["spec"]["template"]["spec"]["containers"][0]
+    served = serving_objects.scoring_deployment(plan)["spec"]["template"]["spec"]["containers"][0]
     assert {e["name"]: e["value"] for e in served["env"]}["NVIDIA_VISIBLE_DEVICES"] == "void"
 
 
 def test_dependants_are_owned_and_scoped(policy):
     plan = _plan(policy, workers=2)
-    owner = objects.owner_reference({"apiVersion": "batch/v1", "kind": "Job",
+    owner = ownership.owner_reference({"apiVersion": "batch/v1", "kind": "Job",
                                      "metadata": {"name": plan.job_id, "uid": "u-1"}})
-    svc = objects.rendezvous_service(plan, owner)
+    svc = training_objects.rendezvous_service(plan, owner)
     assert svc["spec"]["clusterIP"] == "None" and svc["spec"]["publishNotReadyAddresses"] is True
-    assert svc["spec"]["selector"][objects.LABEL_JOB] == plan.job_id
-    cm = objects.code_config_map(plan, owner)
+    assert svc["spec"]["selector"][ownership.LABEL_JOB] == plan.job_id
+    cm = training_objects.code_config_map(plan, owner)
     assert cm["data"]["train.py"] == "print('hi')\n" and cm["metadata"]["ownerReferences"][0]["uid"] == "u-1"
-    np_ = objects.training_network_policy(plan, objects.mlflow_egress_from_uri("http://mlflow.ml:5000"), owner)
+    np_ = training_objects.training_network_policy(plan, training_objects.mlflow_egress_from_uri("http://mlflow.ml:5000"), owner)
     assert np_["spec"]["policyTypes"] == ["Ingress", "Egress"]
     ports = [p for rule in np_["spec"]["egress"] for p in rule.get("ports", [])]
     assert {"protocol": "TCP", "port": 5000} in ports and {"protocol": "UDP", "port": 53} in ports
@@ -87,7 +87,7 @@ def test_dependants_are_owned_and_scoped(policy):
 
 def test_pytorch_job_shape(policy):
     plan = _plan(policy, workers=3)
-    pj = objects.pytorch_job(plan)
+    pj = training_objects.pytorch_job(plan)
     reps = pj["spec"]["pytorchReplicaSpecs"]
     assert reps["Master"]["replicas"] == 1 and reps["Worker"]["replicas"] == 2
     assert reps["Master"]["template"]["spec"]["containers"][0]["name"] == "pytorch"
@@ -96,18 +96,18 @@ def test_pytorch_job_shape(policy):
 
 def test_mig_and_shared_profiles(policy):
     mig = _plan(policy, profile="mig-small")
-    c = objects.indexed_job(mig)["spec"]["template"]["spec"]["containers"][0]
+    c = training_objects.indexed_job(mig)["spec"]["template"]["spec"]["containers"][0]
     assert c["resources"]["limits"]["nvidia.com/mig-1g.10gb"] == "1"
-    assert objects.indexed_job(mig)["spec"]["template"]["spec"]["nodeSelector"]["nvidia.com/mig.strategy"] == "mixed"
+    assert training_objects.indexed_job(mig)["spec"]["template"]["spec"]["nodeSelector"]["nvidia.com/mig.strategy"] == "mixed"
     shared = _plan(policy, profile="t4-shared")
     assert shared.nproc_per_node == 1
 
 
 def test_user_slug_is_label_safe_and_distinct():
-    a = objects.user_slug("a@example.org")
-    b = objects.user_slug("a-example.org")
+    a = ownership.user_slug("a@example.org")
+    b = ownership.user_slug("a-example.org")
     assert a != b and len(a) <= 63
-    assert objects.user_slug("alice") == "alice"
+    assert ownership.user_slug("alice") == "alice"
 
 
 @pytest.mark.parametrize("kwargs, fragment", [
@@ -162,19 +162,19 @@ def test_image_allow_list(policy, catalogue):
 
 
 def test_ownership():
-    obj = {"metadata": {"labels": {objects.LABEL_MANAGED_BY: "hubml", objects.LABEL_USER: "alice"},
-                        "annotations": {objects.ANNOTATION_USERNAME: "alice"}}}
+    obj = {"metadata": {"labels": {ownership.LABEL_MANAGED_BY: "hubml", ownership.LABEL_USER: "alice"},
+                        "annotations": {ownership.ANNOTATION_USERNAME: "alice"}}}
     assert pol.require_owner(obj, ALICE, "Job", "x") is obj
     with pytest.raises(Forbidden):
         pol.require_owner(obj, BOB, "Job", "x")
     with pytest.raises(NotFound):
         pol.require_owner(None, ALICE, "Job", "x")
-    foreign = {"metadata": {"labels": {objects.LABEL_USER: "alice"}}}
+    foreign = {"metadata": {"labels": {ownership.LABEL_USER: "alice"}}}
     with pytest.raises(NotFound):
         pol.require_owner(foreign, ALICE, "Job", "x")
     # a label alone (forged slug) is not enough: the exact name must match too
-    forged = {"metadata": {"labels": {objects.LABEL_MANAGED_BY: "hubml", objects.LABEL_USER: "alice"},
-                           "annotations": {objects.ANNOTATION_USERNAME: "alice2"}}}
+    forged = {"metadata": {"labels": {ownership.LABEL_MANAGED_BY: "hubml", ownership.LABEL_USER: "alice"},
+                           "annotations": {ownership.ANNOTATION_USERNAME: "alice2"}}}
     with pytest.raises(Forbidden):
         pol.require_owner(forged, ALICE, "Job", "x")
 
@@ -186,17 +186,17 @@ def _serving(policy, kserve=True, **kw):
 
 
 def test_inference_service_shape(policy):
-    isvc = objects.inference_service(_serving(policy, min_replicas=1, max_replicas=3, canary_percent=10))
+    isvc = serving_objects.inference_service(_serving(policy, min_replicas=1, max_replicas=3, canary_percent=10))
     pred = isvc["spec"]["predictor"]
     assert pred["model"]["modelFormat"] == {"name": "mlflow"}
     assert pred["model"]["storageUri"].startswith("mlflow-artifacts://")
     assert (pred["minReplicas"], pred["maxReplicas"], pred["canaryTrafficPercent"]) == (1, 3, 10)
-    assert isvc["metadata"]["labels"][objects.LABEL_DEPLOYMENT] == "iris"
+    assert isvc["metadata"]["labels"][ownership.LABEL_DEPLOYMENT] == "iris"
 
 
 def test_scoring_trio_shape(policy):
     plan = _serving(policy, kserve=False, min_replicas=0, max_replicas=4)
-    dep, svc, hpa = objects.scoring_deployment(plan), objects.scoring_service(plan), objects.scoring_hpa(plan)
+    dep, svc, hpa = serving_objects.scoring_deployment(plan), serving_objects.scoring_service(plan), serving_objects.scoring_hpa(plan)
     assert dep["spec"]["replicas"] == 1
     cmd = dep["spec"]["template"]["spec"]["containers"][0]["command"]
     assert cmd[:3] == ["mlflow", "models", "serve"] and "models:/iris-clf/3" in cmd
@@ -232,13 +232,13 @@ def _pod(rank, phase, code=None, ts="2026-01-01T00:00:00Z"):
     status = {"phase": phase}
     if code is not None:
         status["containerStatuses"] = [{"name": "worker", "state": {"terminated": {"exitCode": code}}}]
-    return {"metadata": {"labels": {objects.COMPLETION_INDEX_LABEL: str(rank)}, "creationTimestamp": ts},
+    return {"metadata": {"labels": {ownership.COMPLETION_INDEX_LABEL: str(rank)}, "creationTimestamp": ts},
             "status": status}
 
 
 def _job(**extra):
     job = {"metadata": {"name": "train-1", "creationTimestamp": "2026-01-01T00:00:00Z",
-                        "annotations": {objects.ANNOTATION_SPEC: json.dumps({"workers": 3, "run_id": "r"})}},
+                        "annotations": {ownership.ANNOTATION_SPEC: json.dumps({"workers": 3, "run_id": "r"})}},
            "status": {}}
     job["metadata"]["annotations"].update(extra.pop("annotations", {}))
     job["status"].update(extra)
@@ -256,7 +256,7 @@ def test_job_status_from_pods():
     done = _job(conditions=[{"type": "Complete", "status": "True"}], completionTime="2026-01-01T00:01:00Z")
     st = pol.job_status(done, [_pod(i, "Succeeded", 0) for i in range(3)])
     assert st.state is JobState.SUCCEEDED and st.finished is not None
-    st = pol.job_status(_job(annotations={objects.ANNOTATION_CANCELLED: "2026-01-01T00:02:00Z"}), [])
+    st = pol.job_status(_job(annotations={ownership.ANNOTATION_CANCELLED: "2026-01-01T00:02:00Z"}), [])
     assert st.state is JobState.CANCELLED and st.finished is not None
     # a replacement pod (newer) wins over the failed one of the same rank
     st = pol.job_status(_job(), [_pod(0, "Failed", 1, "2026-01-01T00:00:00Z"),

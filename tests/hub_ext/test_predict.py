@@ -26,7 +26,7 @@ import pytest
 
 from hubml.errors import InvalidRequest
 from hubml.hub_ext import kube as k
-from hubml.hub_ext import objects
+from hubml.hub_ext import ownership, serving_objects
 from hubml.hub_ext.endpoints import DEFAULT_TEMPLATES, Endpoints, check_template
 from hubml import scoring
 from hubml.magics import hub
@@ -84,18 +84,18 @@ def test_bad_url_template_stops_the_service_at_startup(tmp_path):
 
 def _isvc(name: str = "iris", status: dict[str, Any] | None = None) -> dict[str, Any]:
     return {"kind": "InferenceService", "metadata": {"name": name, "namespace": "ml", "labels": {
-        objects.LABEL_USER: "alice"}}, "status": status or {}}
+        ownership.LABEL_USER: "alice"}}, "status": status or {}}
 
 
 def _dep(name: str = "iris") -> dict[str, Any]:
     return {"kind": "Deployment", "metadata": {"name": name, "namespace": "ml", "labels": {
-        objects.LABEL_USER: "alice"}}}
+        ownership.LABEL_USER: "alice"}}}
 
 
 def test_default_urls_are_in_cluster_dns_per_flavour():
     assert Endpoints().url_for(_dep()) == "http://iris.ml.svc.cluster.local/invocations"
     assert Endpoints().url_for(_isvc()) == "http://iris-predictor.ml.svc.cluster.local/v2/models/iris/infer"
-    assert objects.deployment_url("iris", "ml", kserve=False) == "http://iris.ml.svc.cluster.local/invocations"
+    assert serving_objects.deployment_url("iris", "ml", kserve=False) == "http://iris.ml.svc.cluster.local/invocations"
     assert set(DEFAULT_TEMPLATES) == {"deployment", "kserve"}
 
 

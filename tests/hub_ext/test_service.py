@@ -8,7 +8,7 @@ import asyncio
 import pytest
 
 from hubml.hub_ext import kube as k
-from hubml.hub_ext import objects
+from hubml.hub_ext import ownership, training_objects
 from hubml_testing.kube import set_pod_outcome, wait_for
 
 from .conftest import assert_only_owner_sees, wait_job_state
@@ -19,7 +19,7 @@ CODE = "import torch.distributed as dist\nprint('hello from a worker')\n"
 
 
 async def _pods(svc, job_id):
-    return await svc.kube.list(k.POD, svc.namespace, labels={objects.LABEL_JOB: job_id})
+    return await svc.kube.list(k.POD, svc.namespace, labels={ownership.LABEL_JOB: job_id})
 
 
 async def _wait_running(svc, job_id, workers):
@@ -96,9 +96,9 @@ async def test_bad_job_requests_are_refused_and_create_nothing(hub_service, raw,
     assert status in (400, 403), body
     assert fragment in body["error"]
     assert await hub_service.kube.list(k.JOB, hub_service.namespace,
-                                       labels={objects.LABEL_USER: "carol"}) == []
+                                       labels={ownership.LABEL_USER: "carol"}) == []
     assert await hub_service.kube.list(k.CONFIG_MAP, hub_service.namespace,
-                                       labels={objects.LABEL_USER: "carol"}) == []
+                                       labels={ownership.LABEL_USER: "carol"}) == []
 
 
 async def test_cell_with_a_syntax_error_is_refused_before_any_object_or_run(hub_service, mlflow_server):
@@ -115,7 +115,7 @@ async def test_cell_with_a_syntax_error_is_refused_before_any_object_or_run(hub_
     assert ("not valid Python: line 2, column 21 (`for step in range(3)`): expected ':'. Each worker runs the cell "
             "as a standalone Python script") in answer["error"]
     for res in (k.JOB, k.CONFIG_MAP, k.SERVICE, k.NETWORK_POLICY, k.POD):
-        assert await hub_service.kube.list(res, hub_service.namespace, labels={objects.LABEL_USER: "carol"}) == []
+        assert await hub_service.kube.list(res, hub_service.namespace, labels={ownership.LABEL_USER: "carol"}) == []
     client = MlflowClient(mlflow_server.url)
     assert client.get_experiment_by_name(experiment) is None
     every = [e.experiment_id for e in client.search_experiments(view_type=ViewType.ALL)]
@@ -142,7 +142,7 @@ async def test_job_lifecycle_failure_and_isolation(hub_service):
     for res, name in ((k.SERVICE, job_id), (k.CONFIG_MAP, f"{job_id}-code"), (k.NETWORK_POLICY, job_id)):
         obj = await svc.kube.get(res, svc.namespace, name)
         assert obj["metadata"]["ownerReferences"][0]["uid"] == uid
-        assert obj["metadata"]["labels"][objects.LABEL_USER] == "alice"
+        assert obj["metadata"]["labels"][ownership.LABEL_USER] == "alice"
     cm = await svc.kube.get(k.CONFIG_MAP, svc.namespace, f"{job_id}-code")
     assert cm["data"]["train.py"] == CODE
 
@@ -169,7 +169,7 @@ async def test_job_lifecycle_failure_and_isolation(hub_service):
     assert status == 400 and "wait" in body["error"]
 
     # worker 1 fails: the job fails, naming the rank and exit code
-    rank1 = next(p for p in pods if p["metadata"]["labels"][objects.COMPLETION_INDEX_LABEL] == "1")
+    rank1 = next(p for p in pods if p["metadata"]["labels"][ownership.COMPLETION_INDEX_LABEL] == "1")
     await set_pod_outcome(svc.api, svc.namespace, rank1["metadata"]["name"], "fail", exit_code=3)
     failed = await wait_job_state(svc, job_id, "failed")
     assert failed["failed_rank"] == 1 and failed["exit_code"] == 3
@@ -240,7 +240,7 @@ async def test_train_magic_from_a_kernel_on_the_hub_backend(hub_service, kernel_
 
         running = await wait_for(started, timeout=60, what="the waiting cell's job to run")
         pods = await _wait_running(svc, running, 2)
-        rank1 = next(p for p in pods if p["metadata"]["labels"][objects.COMPLETION_INDEX_LABEL] == "1")
+        rank1 = next(p for p in pods if p["metadata"]["labels"][ownership.COMPLETION_INDEX_LABEL] == "1")
         await set_pod_outcome(svc.api, svc.namespace, rank1["metadata"]["name"], "fail", exit_code=7)
         return running
 
@@ -264,7 +264,7 @@ async def test_pytorchjob_alternative_is_accepted_and_crds_are_detected(hub_serv
     svc = hub_service
     plan = pol.plan_training(policy, pol.Caller("alice"), TrainSpec(code=CODE, workers=3, profile="a100"),
                              job_id="train-pj0123456", mlflow_env={"MLFLOW_RUN_ID": "r"}, record={"workers": 3})
-    manifest = objects.pytorch_job(plan)
+    manifest = training_objects.pytorch_job(plan)
     manifest["metadata"]["namespace"] = svc.namespace
     accepted = await svc.kube.create(manifest, dry_run=True)
     assert accepted["spec"]["pytorchReplicaSpecs"]["Worker"]["replicas"] == 2

@@ -8,7 +8,7 @@ import time
 import pytest
 
 from hubml.errors import InvalidRequest
-from hubml.hub_ext import objects
+from hubml.hub_ext import rbac, training_objects
 from hubml.hub_ext import policy as pol
 from hubml.hub_ext.training import CrdCache, Training
 from hubml.jobs import JobState, TrainSpec
@@ -17,7 +17,7 @@ from hubml.profile_config import load_catalogue
 CODE = "import torch\nprint(torch.__version__)\n"
 
 #: like tests/hub_ext/conftest.PROFILES, with the GPU model pinned by an exact node selector
-#: (what a Trainer v2.0 podSpecOverride can carry; see objects.trainjob_node_selector)
+#: (what a Trainer v2.0 podSpecOverride can carry; see training_objects.trainjob_node_selector)
 PINNED_PROFILES = [
     {"name": "cpu", "display": "CPU", "cpu": 1, "memory": "1G", "default": True},
     {"name": "a100", "display": "2 x A100", "gpu": {"model": "A100-SXM4-80GB", "count": 2}, "cpu": 4,
@@ -49,7 +49,7 @@ def _env(manifest):
 
 def test_shape_of_a_cpu_trainjob(pinned_policy):
     plan = _plan(pinned_policy, env={"LR": "0.1"})
-    tj = objects.train_job(plan)
+    tj = training_objects.train_job(plan)
     assert tj["apiVersion"] == "trainer.kubeflow.org/v1alpha1" and tj["kind"] == "TrainJob"
     meta = tj["metadata"]
     assert meta["name"] == "train-0123456789" and meta["namespace"] == "hubml-jobs"
@@ -86,7 +86,7 @@ def test_shape_of_a_cpu_trainjob(pinned_policy):
 
 
 def test_gpu_profile_resources_selector_and_tolerations(pinned_policy):
-    tj = objects.train_job(_plan(pinned_policy, "a100", workers=3))
+    tj = training_objects.train_job(_plan(pinned_policy, "a100", workers=3))
     trainer = tj["spec"]["trainer"]
     assert trainer["numNodes"] == 3 and trainer["numProcPerNode"] == 2  # one process per GPU
     assert trainer["resourcesPerNode"]["limits"]["nvidia.com/gpu"] == "2"
@@ -98,7 +98,7 @@ def test_gpu_profile_resources_selector_and_tolerations(pinned_policy):
 
 
 def test_mig_profile_asks_for_the_mig_resource(pinned_policy):
-    tj = objects.train_job(_plan(pinned_policy, "mig-small", workers=1))
+    tj = training_objects.train_job(_plan(pinned_policy, "mig-small", workers=1))
     res = tj["spec"]["trainer"]["resourcesPerNode"]
     assert res["limits"]["nvidia.com/mig-1g.10gb"] == "1" and "nvidia.com/gpu" not in res["limits"]
     assert tj["spec"]["trainer"]["numProcPerNode"] == 1
@@ -111,14 +111,14 @@ def test_single_valued_affinity_becomes_a_node_selector(pinned_policy):
 
     plan = replace(_plan(pinned_policy), node_affinity=[{"key": "topology.kubernetes.io/zone", "operator": "In",
                                                           "values": ["eu-west-1a"]}])
-    assert objects.trainjob_node_selector(plan.node_selector, plan.node_affinity) == {"topology.kubernetes.io/zone": "eu-west-1a"}
+    assert training_objects.trainjob_node_selector(plan.node_selector, plan.node_affinity) == {"topology.kubernetes.io/zone": "eu-west-1a"}
 
 
 def test_runtime_and_deadline_are_configurable(pinned_policy):
     from dataclasses import replace
 
     plan = replace(_plan(pinned_policy), active_deadline_seconds=600)
-    tj = objects.train_job(plan, objects.TrainerRuntime("hubml-torch", "TrainingRuntime"))
+    tj = training_objects.train_job(plan, training_objects.TrainerRuntime("hubml-torch", "TrainingRuntime"))
     assert tj["spec"]["runtimeRef"] == {"name": "hubml-torch", "apiGroup": "trainer.kubeflow.org",
                                         "kind": "TrainingRuntime"}
     assert tj["spec"]["activeDeadlineSeconds"] == 600
@@ -126,15 +126,15 @@ def test_runtime_and_deadline_are_configurable(pinned_policy):
 
 def test_network_policy_selects_the_jobset_pods(pinned_policy):
     plan = _plan(pinned_policy)
-    selector = objects.trainjob_pod_selector(plan.job_id)
+    selector = training_objects.trainjob_pod_selector(plan.job_id)
     assert selector == {"jobset.sigs.k8s.io/jobset-name": "train-0123456789"}
-    np = objects.training_network_policy(plan, objects.mlflow_egress_from_uri("http://mlflow:5000"),
+    np = training_objects.training_network_policy(plan, training_objects.mlflow_egress_from_uri("http://mlflow:5000"),
                                          pod_selector=selector)
     assert np["spec"]["podSelector"] == {"matchLabels": selector}
     assert np["spec"]["ingress"] == [{"from": [{"podSelector": {"matchLabels": selector}}]}]
     assert {"to": [{"podSelector": {"matchLabels": selector}}]} in np["spec"]["egress"]
     # the built-in flavours keep selecting on hubml's own label
-    assert objects.training_network_policy(plan, [])["spec"]["podSelector"] == {
+    assert training_objects.training_network_policy(plan, [])["spec"]["podSelector"] == {
         "matchLabels": {"hubml.io/job": "train-0123456789"}}
 
 
@@ -144,7 +144,7 @@ def test_network_policy_selects_the_jobset_pods(pinned_policy):
 def test_unpinned_gpu_model_is_refused_with_the_fix(pinned_policy):
     plan = _plan(pinned_policy, "a100-unpinned", workers=1)
     with pytest.raises(InvalidRequest) as e:
-        objects.train_job(plan)
+        training_objects.train_job(plan)
     msg = str(e.value)
     assert "nvidia.com/gpu.product" in msg and "node_selector" in msg and "training_flavour" in msg
 
@@ -155,20 +155,20 @@ def test_conflicting_single_value_is_refused(pinned_policy):
     plan = replace(_plan(pinned_policy, "a100"), node_affinity=[
         {"key": "nvidia.com/gpu.product", "operator": "In", "values": ["Tesla-T4"]}])
     with pytest.raises(InvalidRequest, match="nvidia.com/gpu.product"):
-        objects.train_job(plan)
+        training_objects.train_job(plan)
 
 
 @pytest.mark.parametrize("runtime, fragment", [
-    (objects.TrainerRuntime(""), "not a Kubernetes object name"),
-    (objects.TrainerRuntime("Torch_Distributed"), "not a Kubernetes object name"),
-    (objects.TrainerRuntime("x" * 254), "not a Kubernetes object name"),
-    (objects.TrainerRuntime("a;rm -rf /"), "not a Kubernetes object name"),
-    (objects.TrainerRuntime("torch-distributed", "Runtime"), "neither of ClusterTrainingRuntime"),
-    (objects.TrainerRuntime("torch-distributed", "clustertrainingruntime"), "neither of ClusterTrainingRuntime"),
+    (training_objects.TrainerRuntime(""), "not a Kubernetes object name"),
+    (training_objects.TrainerRuntime("Torch_Distributed"), "not a Kubernetes object name"),
+    (training_objects.TrainerRuntime("x" * 254), "not a Kubernetes object name"),
+    (training_objects.TrainerRuntime("a;rm -rf /"), "not a Kubernetes object name"),
+    (training_objects.TrainerRuntime("torch-distributed", "Runtime"), "neither of ClusterTrainingRuntime"),
+    (training_objects.TrainerRuntime("torch-distributed", "clustertrainingruntime"), "neither of ClusterTrainingRuntime"),
 ])
 def test_bad_runtimes_are_refused(pinned_policy, runtime, fragment):
     with pytest.raises(InvalidRequest, match=fragment):
-        objects.train_job(_plan(pinned_policy), runtime)
+        training_objects.train_job(_plan(pinned_policy), runtime)
 
 
 def test_bad_plans_are_refused(pinned_policy):
@@ -176,19 +176,19 @@ def test_bad_plans_are_refused(pinned_policy):
 
     good = _plan(pinned_policy)
     with pytest.raises(InvalidRequest, match="PET_NNODES"):
-        objects.train_job(replace(good, env={"PET_NNODES": "4"}))
+        training_objects.train_job(replace(good, env={"PET_NNODES": "4"}))
     with pytest.raises(InvalidRequest, match="at most 128 environment variables"):
-        objects.train_job(replace(good, env={f"V{i}": "x" for i in range(130)}))
+        training_objects.train_job(replace(good, env={f"V{i}": "x" for i in range(130)}))
     with pytest.raises(InvalidRequest, match="workers"):
-        objects.train_job(replace(good, workers=0))
+        training_objects.train_job(replace(good, workers=0))
     with pytest.raises(InvalidRequest, match="Image"):
-        objects.train_job(replace(good, image="bad image; rm"))
+        training_objects.train_job(replace(good, image="bad image; rm"))
     with pytest.raises(InvalidRequest, match="node selector"):
-        objects.train_job(replace(good, node_selector={"bad key!": "x"}))
+        training_objects.train_job(replace(good, node_selector={"bad key!": "x"}))
     with pytest.raises(InvalidRequest, match="quantity"):
-        objects.train_job(replace(good, resources={"limits": {"cpu": "lots"}}))
+        training_objects.train_job(replace(good, resources={"limits": {"cpu": "lots"}}))
     with pytest.raises(InvalidRequest, match="empty"):
-        objects.train_job(replace(good, code="  "))
+        training_objects.train_job(replace(good, code="  "))
 
 
 def test_user_env_cannot_shadow_the_service_variables(pinned_policy):
@@ -196,7 +196,7 @@ def test_user_env_cannot_shadow_the_service_variables(pinned_policy):
     from dataclasses import replace
 
     plan = replace(_plan(pinned_policy), env={"LR": "1"}, system_env={"MLFLOW_RUN_ID": "run-1", "LR": "2"})
-    tj = objects.train_job(plan)
+    tj = training_objects.train_job(plan)
     names = [e["name"] for e in tj["spec"]["trainer"]["env"]]
     assert len(names) == len(set(names)) and _env(tj)["LR"] == "2"
 
@@ -286,7 +286,7 @@ async def test_flavour_order(flavour, found, expected):
 
 
 def test_service_rbac_allows_trainjobs_and_nothing_more():
-    role = objects.service_rbac("hubml-jobs")[0]
+    role = rbac.service_rbac("hubml-jobs")[0]
     rules = [r for r in role["rules"] if r["apiGroups"] == ["trainer.kubeflow.org"]]
     assert rules == [{"apiGroups": ["trainer.kubeflow.org"], "resources": ["trainjobs"],
                       "verbs": ["create", "get", "list", "watch", "patch", "delete"]}]

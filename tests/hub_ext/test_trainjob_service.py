@@ -18,7 +18,7 @@ from datetime import datetime, timezone
 import pytest
 
 from hubml.hub_ext import kube as k
-from hubml.hub_ext import objects
+from hubml.hub_ext import ownership, rbac, training_objects
 from hubml.hub_ext import policy as pol
 from hubml.jobs import TrainSpec
 from hubml.profile_config import load_catalogue
@@ -84,8 +84,8 @@ async def test_trainjob_accepted_with_shape_status_and_isolation(trainjob_servic
 
     # the TrainJob the API server stored under the CRD schema, nothing pruned
     tj = await svc.kube.get(k.TRAIN_JOB, svc.namespace, job_id)
-    assert tj["metadata"]["labels"][objects.LABEL_USER] == "alice"
-    assert tj["metadata"]["labels"][objects.LABEL_KIND] == "training"
+    assert tj["metadata"]["labels"][ownership.LABEL_USER] == "alice"
+    assert tj["metadata"]["labels"][ownership.LABEL_KIND] == "training"
     spec = tj["spec"]
     assert spec["runtimeRef"] == {"name": "torch-distributed", "apiGroup": "trainer.kubeflow.org",
                                   "kind": "ClusterTrainingRuntime"}
@@ -106,7 +106,7 @@ async def test_trainjob_accepted_with_shape_status_and_isolation(trainjob_servic
     for res, name in ((k.CONFIG_MAP, f"{job_id}-code"), (k.NETWORK_POLICY, job_id)):
         obj = await svc.kube.get(res, svc.namespace, name)
         assert [o["uid"] for o in obj["metadata"]["ownerReferences"]] == [uid]
-        assert obj["metadata"]["labels"][objects.LABEL_USER] == "alice"
+        assert obj["metadata"]["labels"][ownership.LABEL_USER] == "alice"
     np = await svc.kube.get(k.NETWORK_POLICY, svc.namespace, job_id)
     assert np["spec"]["podSelector"] == {"matchLabels": {"jobset.sigs.k8s.io/jobset-name": job_id}}
     assert (await svc.kube.get(k.CONFIG_MAP, svc.namespace, f"{job_id}-code"))["data"]["train.py"] == CODE
@@ -150,14 +150,14 @@ async def test_manifest_passes_the_schema_strictly(trainjob_service):
                                                                         timeout=3600),
                                  job_id=f"train-strict-{profile}", mlflow_env={"MLFLOW_RUN_ID": "r"},
                                  record={"workers": workers})
-        manifest = objects.train_job(plan)
+        manifest = training_objects.train_job(plan)
         accepted = await svc.kube.request("POST", k.TRAIN_JOB.path(svc.namespace), body=manifest,
                                           query={"dryRun": "All", "fieldValidation": "Strict"})
         assert accepted["spec"]["trainer"] == manifest["spec"]["trainer"]
         assert accepted["spec"]["podSpecOverrides"] == manifest["spec"]["podSpecOverrides"]
         assert accepted["spec"]["activeDeadlineSeconds"] == 3600
     # and the schema does refuse what the Trainer API refuses (so the check above can fail)
-    bad = objects.train_job(plan)
+    bad = training_objects.train_job(plan)
     bad["spec"]["podSpecOverrides"][0]["hostNetwork"] = True
     with pytest.raises(k.KubeError, match="hostNetwork"):
         await svc.kube.request("POST", k.TRAIN_JOB.path(svc.namespace), body=bad,
@@ -172,11 +172,11 @@ async def test_worker_pods_logs_failure_and_the_failed_condition(trainjob_servic
     assert status == 201, job
     job_id = job["id"]
     tj = await svc.kube.get(k.TRAIN_JOB, svc.namespace, job_id)
-    selector = objects.trainjob_pod_selector(job_id)
+    selector = training_objects.trainjob_pod_selector(job_id)
     node_job = {
         "apiVersion": "batch/v1", "kind": "Job",
         "metadata": {"name": f"{job_id}-node-0", "namespace": svc.namespace, "labels": dict(selector),
-                     "ownerReferences": [objects.owner_reference(tj)]},
+                     "ownerReferences": [ownership.owner_reference(tj)]},
         "spec": {"completionMode": "Indexed", "completions": 2, "parallelism": 2, "backoffLimit": 0,
                  "template": {"metadata": {"labels": dict(selector),
                                            "annotations": {"kwok.hubml.io/outcome": "run"}},
@@ -195,7 +195,7 @@ async def test_worker_pods_logs_failure_and_the_failed_condition(trainjob_servic
 
     # each rank's log, found through the JobSet's labels and read with the service's own rights
     for pod in pods:
-        rank = pod["metadata"]["labels"][objects.COMPLETION_INDEX_LABEL]
+        rank = pod["metadata"]["labels"][ownership.COMPLETION_INDEX_LABEL]
         log = tmp_path / f"rank{rank}.log"
         append_container_log(log, [f"rank {rank} epoch 1"])
         await asyncio.to_thread(kube_cluster.serve_logs, svc.namespace, pod["metadata"]["name"], log)
@@ -212,7 +212,7 @@ async def test_worker_pods_logs_failure_and_the_failed_condition(trainjob_servic
     status, chunk = svc.call("GET", f"/jobs/{job_id}/logs", user="bob")
     assert status == 403, chunk
 
-    rank1 = next(p for p in pods if p["metadata"]["labels"][objects.COMPLETION_INDEX_LABEL] == "1")
+    rank1 = next(p for p in pods if p["metadata"]["labels"][ownership.COMPLETION_INDEX_LABEL] == "1")
     await set_pod_outcome(svc.api, svc.namespace, rank1["metadata"]["name"], "fail", exit_code=3)
     failed = await wait_job_state(svc, job_id, "failed")
     assert failed["failed_rank"] == 1 and failed["exit_code"] == 3
@@ -242,7 +242,7 @@ async def test_cancel_suspends_and_removes_the_code(trainjob_service):
     status, cancelled = svc.call("POST", f"/jobs/{job_id}/cancel")
     assert status == 200 and cancelled["state"] == "cancelled", cancelled
     tj = await svc.kube.get(k.TRAIN_JOB, svc.namespace, job_id)
-    assert tj["spec"]["suspend"] is True and objects.ANNOTATION_CANCELLED in tj["metadata"]["annotations"]
+    assert tj["spec"]["suspend"] is True and ownership.ANNOTATION_CANCELLED in tj["metadata"]["annotations"]
     assert await svc.kube.get_or_none(k.CONFIG_MAP, svc.namespace, f"{job_id}-code") is None
     # the network rules stay while the TrainJob exists (a resumed pod must not get internet egress)
     assert await svc.kube.get_or_none(k.NETWORK_POLICY, svc.namespace, job_id) is not None
@@ -271,7 +271,7 @@ async def test_bad_trainjob_requests_are_refused_and_create_nothing(trainjob_ser
     status, answer = svc.call("POST", "/jobs", body, user="carol")
     assert status == code and fragment in answer["error"], answer
     for res in (k.TRAIN_JOB, k.CONFIG_MAP, k.NETWORK_POLICY):
-        assert await svc.kube.list(res, svc.namespace, labels={objects.LABEL_USER: "carol"}) == []
+        assert await svc.kube.list(res, svc.namespace, labels={ownership.LABEL_USER: "carol"}) == []
 
 
 @pytest.mark.parametrize("config, fragment", [
@@ -302,11 +302,11 @@ async def test_explicit_trainjob_flavour_without_rights_stops_the_service(kube_c
                            body={"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}})
         await kube.request("POST", f"/api/v1/namespaces/{ns}/serviceaccounts",
                            body={"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "hubml"}})
-        role = objects.service_rbac(ns)[0]
+        role = rbac.service_rbac(ns)[0]
         role["rules"] = [r for r in role["rules"] if r["apiGroups"] != ["trainer.kubeflow.org"]]
         await kube.request("POST", f"/apis/rbac.authorization.k8s.io/v1/namespaces/{ns}/roles", body=role)
         await kube.request("POST", f"/apis/rbac.authorization.k8s.io/v1/namespaces/{ns}/rolebindings",
-                           body=objects.service_rbac(ns)[1])
+                           body=rbac.service_rbac(ns)[1])
         kubeconfig = await service_account_kubeconfig(kube_cluster, api, ns, "hubml", tmp_path / "kubeconfig")
         cfg = tmp_path / "cfg.py"
         cfg.write_text("\n".join(["c = get_config()  # noqa", f"c.HubMLService.namespace = {ns!r}",
