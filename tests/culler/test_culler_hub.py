@@ -10,56 +10,34 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import subprocess
 import sys
 import time
-from datetime import datetime, timezone
+from datetime import datetime
 
 import pytest
 from tornado import web
 from tornado.httpserver import HTTPServer
 
-from culler_env import CULLER_SCOPES, CULLER_SERVICE, NAMESPACE, iso, kernel, start_env
+from culler_env import (
+    CULLER_SCOPES,
+    CULLER_SERVICE,
+    NAMESPACE,
+    PROFILES,
+    decisions,
+    iso,
+    kernel,
+    main_with,
+    make_culler,
+    now,
+    run_cli,
+    start_env,
+    wait_for_hit,
+)
 from fault_proxy import FaultProxy
-from hubml.culler.app import CullerApp
 from hubml.culler.policy import Action
 from hubml_testing.ports import free_port
 
 pytestmark = [pytest.mark.hub, pytest.mark.slow]
-
-PROFILES = json.dumps({
-    "a100": {"idle_timeout": "3s", "gpu": 1},
-    "long": {"idle_timeout": "1h"},
-})
-
-
-def now() -> datetime:
-    return datetime.now(timezone.utc)
-
-
-def make_culler(env, *args: str, api_url: str | None = None):
-    """Build the culler the way ``python -m hubml.culler`` does, from argv."""
-    app = CullerApp()
-    base = [
-        f"--api-url={api_url or env.hub.api_url}",
-        f"--server-base-url={env.hub.url.rstrip('/')}",
-        f"--CullerApp.api_token={env.culler_token}",
-        "--timeout=3s",
-        "--grace-period=0",
-        f"--profiles={PROFILES}",
-        f"--namespace={NAMESPACE}",
-        "--prometheus-step=1",
-        "--gpu-idle-window=3s",
-    ]
-    names = {a.split("=", 1)[0] for a in args}
-    app.initialize([a for a in base if a.split("=", 1)[0] not in names] + list(args))
-    return app, app.build()
-
-
-def decisions(report) -> dict[str, tuple[str, str]]:
-    return {o.label: (o.decision.action.value, o.decision.reason) for o in report.outcomes}
-
 
 async def test_decisions_server_by_server(jupyterhub_factory, prometheus_factory, tmp_path):
     env = start_env(jupyterhub_factory, tmp_path)
@@ -272,7 +250,7 @@ async def test_user_activity_during_our_kernel_read_is_not_taken_for_the_echo(ju
         # pass 2: alice works while the pass's read of her kernels is in flight
         held = proxy.add("GET", r"/user/alice/api/kernels", delay=1.5, times=1)
         task = asyncio.ensure_future(culler.run_pass())
-        await _wait_for_hit(held)
+        await wait_for_hit(held)
         t = now()
         env.fleet.set_server("alice", last_activity=iso(t))
         hub.set_activity("alice", t)
@@ -341,16 +319,6 @@ async def test_cull_users_deletes_only_users_left_with_nothing(jupyterhub_factor
         proxy.stop()
 
 
-async def _wait_for_hit(fault, limit: float = 30.0) -> None:
-    """Wait until the culler's request reached the fault proxy (it is then held)."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + limit
-    while fault.hits == 0:
-        if loop.time() > deadline:
-            raise AssertionError(f"the culler never sent {fault.method} {fault.path_regex}")
-        await asyncio.sleep(0.02)
-
-
 async def test_activity_between_decision_and_stop_cancels_it(jupyterhub_factory, tmp_path):
     """A pass decides on the snapshot it read, then re-reads each server right
     before warning or stopping it. Activity that reaches the hub in between
@@ -369,7 +337,7 @@ async def test_activity_between_decision_and_stop_cancels_it(jupyterhub_factory,
         # pass 1: everyone is idle; dave comes back while his re-read is in flight
         held = proxy.add("GET", r"/hub/api/users/dave$", delay=1.5, times=1)
         task = asyncio.ensure_future(culler.run_pass())
-        await _wait_for_hit(held)
+        await wait_for_hit(held)
         hub.set_activity("dave", now())
         r1 = await task
         assert decisions(r1) == {
@@ -387,7 +355,7 @@ async def test_activity_between_decision_and_stop_cancels_it(jupyterhub_factory,
         held = proxy.add("GET", r"/hub/api/users/alice$", delay=1.5, times=1)
         proxy.add("GET", r"/hub/api/users/carol$", status=500)
         task = asyncio.ensure_future(culler.run_pass())
-        await _wait_for_hit(held)
+        await wait_for_hit(held)
         hub.set_activity("alice", now())
         r2 = await task
         d = decisions(r2)
@@ -487,14 +455,6 @@ async def test_faults_never_cause_a_wrong_cull(jupyterhub_factory, prometheus_fa
         proxy.stop()
 
 
-def _run_cli(env, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "hubml.culler", *args],
-        env=dict(os.environ, JUPYTERHUB_API_TOKEN=env.culler_token, JUPYTERHUB_API_URL=env.hub.api_url),
-        capture_output=True, text=True, timeout=timeout,
-    )
-
-
 def test_dry_run_lists_and_changes_nothing(jupyterhub_factory, tmp_path):
     env = start_env(jupyterhub_factory, tmp_path)
     hub = env.hub
@@ -503,7 +463,7 @@ def test_dry_run_lists_and_changes_nothing(jupyterhub_factory, tmp_path):
     hub.start_server("carol")
     time.sleep(3.5)
     hub.set_activity("carol", now())
-    res = _run_cli(
+    res = run_cli(
         env, "--dry-run", "--timeout", "3s", f"--profiles={PROFILES}",
         "--server-base-url", hub.url.rstrip("/"),
     )
@@ -542,48 +502,9 @@ BAD_ARGS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def cli_env(tmp_path_factory):
-    """One hub for the whole bad-input corpus, with an idle server to protect."""
-    from hubml_testing.jupyterhub import start_hub
-
-    class Factory:
-        hubs: list = []
-
-        def __call__(self, **kw):
-            hub = start_hub(tmp_path_factory.mktemp("cli-hub"), **kw)
-            self.hubs.append(hub)
-            return hub
-
-    factory = Factory()
-    env = start_env(factory, tmp_path_factory.mktemp("cli-fleet"))
-    env.hub.start_server("alice")
-    time.sleep(1.2)
-    yield env
-    for hub in factory.hubs:
-        hub.stop()
-
-
-def _main_with(env, extra: list[str]) -> int:
-    from hubml.culler.app import main
-
-    base = [
-        f"--api-url={env.hub.api_url}", "--server-base-url", env.hub.url.rstrip("/"),
-        "--timeout=1s", "--grace-period=0", "--once",
-    ]
-    # a bad value for an option the base sets replaces it (repeats are refused)
-    names = {a.split("=", 1)[0] for a in extra if a.startswith("--")}
-    base = [a for a in base if a.split("=", 1)[0] not in names]
-    os.environ["JUPYTERHUB_API_TOKEN"] = env.culler_token
-    try:
-        return main([*base, *extra])
-    finally:
-        os.environ.pop("JUPYTERHUB_API_TOKEN", None)
-
-
 @pytest.mark.parametrize("bad, message", BAD_ARGS, ids=[" ".join(b) for b, _ in BAD_ARGS])
 def test_cli_rejects_bad_input_and_changes_nothing(bad, message, cli_env, capsys):
-    rc = _main_with(cli_env, bad)
+    rc = main_with(cli_env, bad)
     captured = capsys.readouterr()
     err = captured.err + captured.out
     assert rc == 2
@@ -594,7 +515,7 @@ def test_cli_rejects_bad_input_and_changes_nothing(bad, message, cli_env, capsys
 
 def test_cli_control_the_same_valid_arguments_do_cull(cli_env, capsys):
     """Shows the corpus above was refused for its bad value, not by accident."""
-    rc = _main_with(cli_env, ["--flag-that-does-not-exist"][:0])
+    rc = main_with(cli_env, ["--flag-that-does-not-exist"][:0])
     out = capsys.readouterr().out
     assert rc == 0, out
     assert "culled alice profile=- reason=idle" in out
