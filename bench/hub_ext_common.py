@@ -24,7 +24,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 
-from hubml_testing.kube_cluster import KubeCluster, start_cluster  # noqa: E402
+from hubml_testing.kube_cluster import KubeCluster  # noqa: E402
+from hubml_testing.kube_control_plane import start_cluster  # noqa: E402
 from hubml_testing.mlflow_server import _stop as stop_mlflow  # noqa: E402
 from hubml_testing.mlflow_server import start_mlflow_server  # noqa: E402
 

@@ -114,7 +114,7 @@ async def run(memory: bool, nodes_n: int, pods_n: int, gpu_pods_n: int, reps: in
 
 async def _run(memory: bool, nodes_n: int, pods_n: int, gpu_pods_n: int, reps: int, holder: dict) -> None:
     from hubml.availability import UsageIndex
-    from hubml_testing.kube_cluster import load_topology, scale_nodes, scale_pods
+    from hubml_testing.kube_manifests import load_topology, scale_nodes, scale_pods
 
     topo = load_topology()
     nodes = scale_nodes(topo, nodes_n)
@@ -124,7 +124,8 @@ async def _run(memory: bool, nodes_n: int, pods_n: int, gpu_pods_n: int, reps: i
     if memory:
         os.environ["KUBECONFIG"] = write_kubeconfig("https://127.0.0.1:9", "unused", None)
     else:
-        from hubml_testing.kube_cluster import scale_up, start_cluster
+        from hubml_testing.kube_cluster import scale_up
+        from hubml_testing.kube_control_plane import start_cluster
 
         cluster = holder["cluster"] = start_cluster()
         t0 = time.monotonic()

@@ -34,7 +34,7 @@ import yaml
 from hubml_testing.jupyterhub import json_call, spawn_page
 from hubml_testing.helm_values import EXTRAS_CHART, hub_fixture_config, merged_values, role_scopes_for_user, run_helm
 from hubml_testing.kube import service_account_kubeconfig
-from hubml_testing.kube_cluster import Rest
+from hubml_testing.kube_rest import Rest
 from hubml_testing.ports import free_port, wait_http
 
 pytestmark = [pytest.mark.kube, pytest.mark.slow]

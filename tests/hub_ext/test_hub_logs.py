@@ -21,7 +21,7 @@ from hubml.hub_ext import kube as k
 from hubml.hub_ext import log_cursor as lc
 from hubml.hub_ext import ownership
 from hubml_testing.kube import set_pod_outcome, wait_for
-from hubml_testing.kube_cluster import append_container_log
+from hubml_testing.kwok import append_container_log
 
 CODE = "print('hello from a worker')\n"
 

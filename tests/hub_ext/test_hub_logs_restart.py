@@ -16,7 +16,7 @@ import pytest
 from hubml.hub_ext import kube as k
 from hubml.hub_ext import ownership
 from hubml_testing.kube import set_pod_outcome, wait_for
-from hubml_testing.kube_cluster import append_container_log
+from hubml_testing.kwok import append_container_log
 
 from .conftest import running_stack
 from .test_hub_logs import CODE, LogReader, _running_pods

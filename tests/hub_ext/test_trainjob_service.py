@@ -23,7 +23,7 @@ from hubml.hub_ext import policy as pol
 from hubml.jobs import TrainSpec
 from hubml.profile_config import load_catalogue
 from hubml_testing.kube import set_pod_outcome, wait_for
-from hubml_testing.kube_cluster import append_container_log
+from hubml_testing.kwok import append_container_log
 
 from .conftest import assert_only_owner_sees, running_stack, wait_job_state
 from .test_trainjob_objects import PINNED_PROFILES

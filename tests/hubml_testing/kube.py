@@ -100,15 +100,11 @@ from typing import Any, TypeVar
 import pytest
 import yaml
 
-from hubml_testing.kube_cluster import (
-    CRDS,
-    KubeCluster,
-    KubeHarnessError,
-    kubeconfig_dict,
-    outcome_annotations,
-    scale_up,
-    start_cluster,
-)
+from hubml_testing.kube_binaries import KubeHarnessError
+from hubml_testing.kube_cluster import KubeCluster, scale_up
+from hubml_testing.kube_control_plane import start_cluster
+from hubml_testing.kube_crds import CRDS
+from hubml_testing.kube_manifests import kubeconfig_dict, outcome_annotations
 
 __all__ = [
     "CRDS",

@@ -469,7 +469,8 @@ async def test_scale_mode_adds_bound_pods_on_tainted_nodes_and_removes_them(
 ) -> None:
     import asyncio
 
-    from hubml_testing.kube_cluster import SCALE_LABEL, scale_down, scale_up
+    from hubml_testing.kube_cluster import scale_down, scale_up
+    from hubml_testing.kube_manifests import SCALE_LABEL
 
     core = client.CoreV1Api(kube_api)
     ns = "hubml-scale-test"

@@ -21,13 +21,8 @@ from kubernetes_asyncio import client
 from kubernetes_asyncio.client.exceptions import ApiException
 
 from hubml_testing.kube import wait_for
-from hubml_testing.kube_cluster import (
-    KubeCluster,
-    append_container_log,
-    cri_log_lines,
-    kwok_configuration,
-    logs_manifest,
-)
+from hubml_testing.kube_cluster import KubeCluster
+from hubml_testing.kwok import append_container_log, cri_log_lines, kwok_configuration, logs_manifest
 
 pytestmark = pytest.mark.kube
 

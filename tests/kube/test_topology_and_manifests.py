@@ -12,14 +12,17 @@ from pathlib import Path
 import pytest
 import yaml
 
-from hubml_testing import kube_cluster as kc
+from hubml_testing.kube_binaries import KUBE_DEV_DIR, REPO_ROOT, KubeHarnessError, read_versions
+from hubml_testing.kube_cluster import KubeCluster
+from hubml_testing.kube_crds import CRD_DIR, CRDS
+from hubml_testing.kube_manifests import SCALE_LABEL, kubeconfig_dict, load_topology, outcome_annotations, scale_nodes, scale_pods, topology_nodes
 
 GPU_TAINT = {"key": "nvidia.com/gpu", "value": "present", "effect": "NoSchedule"}
 
 
 @pytest.fixture(scope="module")
 def topology() -> dict:
-    return kc.load_topology()
+    return load_topology()
 
 
 def by_name(nodes: list[dict]) -> dict[str, dict]:
@@ -27,7 +30,7 @@ def by_name(nodes: list[dict]) -> dict[str, dict]:
 
 
 def test_topology_has_the_nodes_the_issue_lists(topology: dict) -> None:
-    nodes = by_name(kc.topology_nodes(topology))
+    nodes = by_name(topology_nodes(topology))
     full_a100 = [n for n in nodes.values()
                  if n["metadata"]["labels"].get("nvidia.com/gpu.product") == "NVIDIA-A100-SXM4-80GB"
                  and n["status"]["allocatable"].get("nvidia.com/gpu") == "8"]
@@ -50,7 +53,7 @@ def test_topology_has_the_nodes_the_issue_lists(topology: dict) -> None:
 
 
 def test_gpu_nodes_carry_gfd_labels_and_the_gpu_taint(topology: dict) -> None:
-    for node in kc.topology_nodes(topology):
+    for node in topology_nodes(topology):
         labels = node["metadata"]["labels"]
         alloc = node["status"]["allocatable"]
         assert {"cpu", "memory", "pods"} <= set(alloc)
@@ -74,32 +77,32 @@ def test_gpu_nodes_carry_gfd_labels_and_the_gpu_taint(topology: dict) -> None:
 
 
 def test_scale_nodes_split_exactly_and_are_tainted(topology: dict) -> None:
-    nodes = kc.scale_nodes(topology, 1000)
+    nodes = scale_nodes(topology, 1000)
     assert len(nodes) == 1000
     assert len({n["metadata"]["name"] for n in nodes}) == 1000
     profiles = Counter(n["metadata"]["name"].rsplit("-", 1)[0].removeprefix("scale-") for n in nodes)
     mix = topology["scale"]["mix"]
     assert profiles == {p: 1000 * w // sum(mix.values()) for p, w in mix.items()}
-    assert all({"key": kc.SCALE_LABEL, "value": "true", "effect": "NoSchedule"} in n["spec"]["taints"] for n in nodes)
+    assert all({"key": SCALE_LABEL, "value": "true", "effect": "NoSchedule"} in n["spec"]["taints"] for n in nodes)
     # an odd count still adds up
-    assert len(kc.scale_nodes(topology, 7)) == 7
+    assert len(scale_nodes(topology, 7)) == 7
     with pytest.raises(ValueError, match=">= 1"):
-        kc.scale_nodes(topology, 0)
+        scale_nodes(topology, 0)
 
 
 def test_scale_pods_are_bound_round_robin() -> None:
-    pods = kc.scale_pods(["a", "b", "c"], 10, "ns")
+    pods = scale_pods(["a", "b", "c"], 10, "ns")
     assert [p["spec"]["nodeName"] for p in pods[:4]] == ["a", "b", "c", "a"]
     assert len({p["metadata"]["name"] for p in pods}) == 10
     assert all(p["metadata"]["namespace"] == "ns" for p in pods)
     assert pods[0]["spec"]["tolerations"] == [{"operator": "Exists"}]
     with pytest.raises(ValueError, match="node name"):
-        kc.scale_pods([], 3, "ns")
+        scale_pods([], 3, "ns")
 
 
 def test_outcome_annotations_contract() -> None:
-    assert kc.outcome_annotations("succeed") == {"kwok.hubml.io/outcome": "succeed"}
-    assert kc.outcome_annotations("fail", exit_code=137, reason="OOMKilled", delay="2s") == {
+    assert outcome_annotations("succeed") == {"kwok.hubml.io/outcome": "succeed"}
+    assert outcome_annotations("fail", exit_code=137, reason="OOMKilled", delay="2s") == {
         "kwok.hubml.io/outcome": "fail",
         "kwok.hubml.io/exit-code": "137",
         "kwok.hubml.io/reason": "OOMKilled",
@@ -125,16 +128,16 @@ def test_outcome_annotations_contract() -> None:
 )
 def test_outcome_annotations_reject_bad_input(kwargs: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
-        kc.outcome_annotations(**kwargs)
+        outcome_annotations(**kwargs)
 
 
 def test_kubeconfig_dict_round_trips_through_from_kubeconfig(tmp_path: Path) -> None:
-    cfg = kc.kubeconfig_dict("https://127.0.0.1:6443", b"PEM", "tok", "alice", "team-a")
+    cfg = kubeconfig_dict("https://127.0.0.1:6443", b"PEM", "tok", "alice", "team-a")
     assert base64.b64decode(cfg["clusters"][0]["cluster"]["certificate-authority-data"]) == b"PEM"
     assert cfg["contexts"][0]["context"] == {"cluster": "hubml-test", "user": "alice", "namespace": "team-a"}
     path = tmp_path / "kubeconfig"
     path.write_text(yaml.safe_dump(cfg))
-    cluster = kc.KubeCluster.from_kubeconfig(path)
+    cluster = KubeCluster.from_kubeconfig(path)
     assert (cluster.server, cluster.token, cluster.ca_file.read_bytes()) == ("https://127.0.0.1:6443", "tok", b"PEM")
     assert cluster.owned is False
 
@@ -146,19 +149,19 @@ def test_kubeconfig_dict_round_trips_through_from_kubeconfig(tmp_path: Path) -> 
 def test_from_kubeconfig_rejects_foreign_files(tmp_path: Path, text: str) -> None:
     path = tmp_path / "kubeconfig"
     path.write_text(text)
-    with pytest.raises(kc.KubeHarnessError, match="unset HUBML_KUBECONFIG"):
-        kc.KubeCluster.from_kubeconfig(path)
+    with pytest.raises(KubeHarnessError, match="unset HUBML_KUBECONFIG"):
+        KubeCluster.from_kubeconfig(path)
 
 
 def test_crd_files_match_their_names() -> None:
-    for short, name in kc.CRDS.items():
-        crd = yaml.safe_load((kc.CRD_DIR / f"{name}.yaml").read_text())
+    for short, name in CRDS.items():
+        crd = yaml.safe_load((CRD_DIR / f"{name}.yaml").read_text())
         assert crd["metadata"]["name"] == f"{crd['spec']['names']['plural']}.{crd['spec']['group']}" == name
         assert crd["spec"]["names"]["singular"] == short
 
 
 def test_versions_file_pins_every_binary() -> None:
-    versions = kc.read_versions()
+    versions = read_versions()
     assert versions["KUBE_VERSION"].startswith("v1.")
     assert versions["KUBE_STAGING_VERSION"] == "v0." + versions["KUBE_VERSION"].split(".", 1)[1]
     assert {"ETCD_VERSION", "KWOK_VERSION", "HELM_VERSION"} <= set(versions)
@@ -167,8 +170,8 @@ def test_versions_file_pins_every_binary() -> None:
 def run_cli(*args: str, env_extra: dict | None = None) -> subprocess.CompletedProcess:
     import os
 
-    env = {**os.environ, **(env_extra or {})}
-    return subprocess.run([sys.executable, str(Path(kc.__file__)), *args], capture_output=True, text=True,
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT / "tests"), **(env_extra or {})}
+    return subprocess.run([sys.executable, "-m", "hubml_testing.kube_cli", *args], capture_output=True, text=True,
                           env=env, timeout=60)
 
 
@@ -207,7 +210,7 @@ def test_cli_up_without_binaries_fails_with_the_build_command(tmp_path: Path) ->
     assert not state.exists()
 
 
-BUILD_SH = Path(kc.KUBE_DEV_DIR) / "build.sh"
+BUILD_SH = Path(KUBE_DEV_DIR) / "build.sh"
 
 
 def run_build(*args: str, env_extra: dict | None = None) -> subprocess.CompletedProcess:
@@ -244,7 +247,7 @@ def test_build_sh_fails_loudly_when_go_cannot_build(tmp_path: Path) -> None:
 
 
 def test_every_node_gets_its_own_internal_ip(topology: dict) -> None:
-    nodes = kc.topology_nodes(topology) + kc.scale_nodes(topology, 300)
+    nodes = topology_nodes(topology) + scale_nodes(topology, 300)
     ips = [next(a["address"] for a in n["status"]["addresses"] if a["type"] == "InternalIP") for n in nodes]
     assert len(set(ips)) == len(nodes)
     assert ips[0] == "127.0.1.1"
