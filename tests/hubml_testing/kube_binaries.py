@@ -43,13 +43,17 @@ def read_versions(path: Path = VERSIONS_FILE) -> dict[str, str]:
     return versions
 
 
-def cache_dir(versions: Mapping[str, str] | None = None) -> Path:
-    """Where build.sh puts the binaries: ${HUBML_KUBE_CACHE:-${HUBML_CACHE:-~/.cache/hubml}}/kube-<KUBE_VERSION>."""
-    versions = versions or read_versions()
-    root = Path(
+def cache_root() -> Path:
+    """${HUBML_KUBE_CACHE:-${HUBML_CACHE:-~/.cache/hubml}}, as build.sh and kserve-crds.sh compute it."""
+    return Path(
         os.environ.get("HUBML_KUBE_CACHE") or os.environ.get("HUBML_CACHE") or Path.home() / ".cache" / "hubml"
     )
-    return root / f"kube-{versions['KUBE_VERSION']}"
+
+
+def cache_dir(versions: Mapping[str, str] | None = None) -> Path:
+    """Where build.sh puts the binaries: <cache_root>/kube-<KUBE_VERSION>."""
+    versions = versions or read_versions()
+    return cache_root() / f"kube-{versions['KUBE_VERSION']}"
 
 
 def find_binaries(names: Iterable[str] = REQUIRED_BINARIES) -> dict[str, Path]:

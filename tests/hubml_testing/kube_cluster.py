@@ -7,7 +7,7 @@ scheduling, controllers, garbage collection), never a mock. This module runs
 etcd, kube-apiserver, kube-controller-manager, kube-scheduler and kwok on
 loopback from the binaries `dev/kube/build.sh` caches in
 ``~/.cache/hubml/kube-<version>/bin/``, creates the nodes of
-``dev/kube/topology.yaml`` and installs the CRDs of ``dev/kube/crds/``
+``dev/kube/topology.yaml`` and installs the CRDs of ``dev/kube/crds/`` and KServe's
 (and kwok's Logs/ClusterLogs CRDs of ``dev/kube/kwok-crds/``: kwok serves
 container logs from files named in those objects, see ``serve_logs``).
 
@@ -51,7 +51,7 @@ from typing import Any
 
 import yaml
 from hubml_testing.kube_binaries import KubeHarnessError
-from hubml_testing.kube_crds import check_crd_names, install_crds, uninstall_crds, wait_gone
+from hubml_testing.kube_crds import KSERVE_CRDS, check_crd_names, install_crds, uninstall_crds, wait_gone
 from hubml_testing.kube_manifests import SCALE_LABEL, kubeconfig_dict, load_topology, scale_nodes, scale_pods
 from hubml_testing.kube_processes import stop_processes
 from hubml_testing.kube_rest import Rest
@@ -257,8 +257,8 @@ class KubeCluster:
             time.sleep(0.05)
 
     # ---- CRDs ---------------------------------------------------------
-    def install_crds(self, names: Iterable[str]) -> None:
-        install_crds(self.rest, names)
+    def install_crds(self, names: Iterable[str], kserve_release: str = "current") -> None:
+        install_crds(self.rest, names, kserve_release=kserve_release)
         for n in names:
             if n not in self.crds:
                 self.crds.append(n)
@@ -277,6 +277,16 @@ class KubeCluster:
             yield
         finally:
             self.install_crds(names)
+
+    @contextlib.contextmanager
+    def kserve_release(self, release: str = "previous") -> Iterator[None]:
+        """Serve the KServe CRDs of another pinned release ("previous": no Standard-mode
+        ``spec.canary``) for the block, then the current ones again; objects are kept."""
+        self.install_crds(KSERVE_CRDS, kserve_release=release)
+        try:
+            yield
+        finally:
+            self.install_crds(KSERVE_CRDS)
 
 
 def default_state_dir() -> Path:

@@ -1,25 +1,78 @@
 """The CRDs the test control plane serves (Kubeflow, KServe, kwok's Logs): installing them,
-removing them and waiting until the API server and its discovery agree."""
+removing them and waiting until the API server and its discovery agree.
+
+KServe's are its real ones (config/crd/full of the releases pinned in
+dev/kube/versions.env, fetched by dev/kube/kserve-crds.sh into the cache), so
+hub_ext's InferenceServices are checked against the schema KServe ships, and
+its schema detection against two releases: ``KSERVE_VERSION`` (Standard-mode
+``spec.canary[]``) and ``KSERVE_PREVIOUS_VERSION`` (no ``spec.canary``).
+"""
 
 from __future__ import annotations
 
+import functools
+import json
 import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import Any
 
 import yaml
-from hubml_testing.kube_binaries import KUBE_DEV_DIR, KubeHarnessError
+from hubml_testing.kube_binaries import KUBE_DEV_DIR, KubeHarnessError, cache_root, read_versions
 from hubml_testing.kube_rest import Rest
 
 CRD_DIR = KUBE_DEV_DIR / "crds"
 KWOK_CRD_DIR = KUBE_DEV_DIR / "kwok-crds"
 
-#: short name -> CRD object name (file dev/kube/crds/<object name>.yaml)
+#: short name -> CRD object name (Kubeflow's: file dev/kube/crds/<object name>.yaml;
+#: KServe's: the cached release, see ``crd_file``)
 CRDS: dict[str, str] = {
     "pytorchjob": "pytorchjobs.kubeflow.org",
     "trainjob": "trainjobs.trainer.kubeflow.org",
     "inferenceservice": "inferenceservices.serving.kserve.io",
+    "servingruntime": "servingruntimes.serving.kserve.io",
+    "clusterservingruntime": "clusterservingruntimes.serving.kserve.io",
 }
+
+#: the CRDs that come from a KServe release rather than dev/kube/crds/
+KSERVE_CRDS = ("inferenceservice", "servingruntime", "clusterservingruntime")
+
+
+def kserve_versions() -> dict[str, str]:
+    """{"current": KSERVE_VERSION, "previous": KSERVE_PREVIOUS_VERSION} from versions.env."""
+    versions = read_versions()
+    return {"current": versions["KSERVE_VERSION"], "previous": versions["KSERVE_PREVIOUS_VERSION"]}
+
+
+def crd_file(short: str, kserve_release: str = "current") -> Path:
+    """The file a CRD is installed from; a KServe one must have been fetched (dev/bootstrap)."""
+    check_crd_names([short])
+    if short not in KSERVE_CRDS:
+        return CRD_DIR / f"{CRDS[short]}.yaml"
+    releases = kserve_versions()
+    if kserve_release not in releases:
+        raise ValueError(f"unknown KServe release {kserve_release!r}; choose from {sorted(releases)}")
+    version = releases[kserve_release]
+    group, _, _ = CRDS[short].partition(".")
+    path = cache_root() / f"kserve-{version}" / f"serving.kserve.io_{group}.yaml"
+    if not path.is_file():
+        raise KubeHarnessError(
+            f"KServe {version}'s CRD {path.name} is not in {path.parent}: fetch KServe's CRDs with "
+            "`bash dev/kube/kserve-crds.sh` (dev/bootstrap runs it), then retry."
+        )
+    return path
+
+
+@functools.lru_cache(maxsize=16)
+def _load_crd_text(path: str, mtime: float) -> str:
+    # The v0.20 InferenceService CRD is 2 MB of YAML: parse it once per process.
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+    return json.dumps(yaml.load(Path(path).read_text(), Loader=loader))
+
+
+def load_crd(path: Path) -> dict[str, Any]:
+    """A CRD file's object (a fresh copy each call)."""
+    return json.loads(_load_crd_text(str(path), path.stat().st_mtime))
 
 #: kwok's own CRDs (dev/kube/kwok-crds/kwok.x-k8s.io_<file>.yaml -> CRD name), always installed:
 #: kwok watches them (--enable-crds) to learn which file holds which container's log
@@ -35,11 +88,15 @@ def check_crd_names(names: Iterable[str]) -> None:
         raise ValueError(f"unknown CRD name(s) {bad}; choose from {sorted(CRDS)}")
 
 
-def install_crds(rest: Rest, names: Iterable[str], timeout: float = 30.0) -> None:
-    """Create (or replace) the CRDs and wait until the API server serves them."""
+def install_crds(rest: Rest, names: Iterable[str], timeout: float = 30.0, kserve_release: str = "current") -> None:
+    """Create (or replace) the CRDs and wait until the API server serves them.
+
+    ``kserve_release`` ("current" or "previous") picks the KServe release of
+    the KServe CRDs among ``names``; replacing a CRD keeps its objects.
+    """
     names = list(names)
     check_crd_names(names)
-    install_crd_files(rest, {CRDS[short]: CRD_DIR / f"{CRDS[short]}.yaml" for short in names}, timeout)
+    install_crd_files(rest, {CRDS[short]: crd_file(short, kserve_release) for short in names}, timeout)
 
 
 def install_kwok_crds(rest: Rest, timeout: float = 30.0) -> None:
@@ -52,7 +109,7 @@ def install_crd_files(rest: Rest, files: Mapping[str, Path], timeout: float = 30
     """Create (or replace) the CRDs {object name: file} and wait until the API server serves them."""
     base = "/apis/apiextensions.k8s.io/v1/customresourcedefinitions"
     for name, path in files.items():
-        crd = yaml.safe_load(path.read_text())
+        crd = load_crd(path)
         status, existing = rest.request("GET", f"{base}/{name}")
         if status == 200:
             if existing["metadata"].get("deletionTimestamp"):
@@ -98,7 +155,7 @@ def uninstall_crds(rest: Rest, names: Iterable[str], timeout: float = 60.0) -> N
         wait_gone(rest, f"{base}/{CRDS[short]}", timeout)
         # The API server's CRD handler and discovery lag behind the CRD object:
         # until they catch up, creates answer 403 "definition is terminating".
-        spec = yaml.safe_load((CRD_DIR / f"{CRDS[short]}.yaml").read_text())["spec"]
+        spec = load_crd(crd_file(short))["spec"]
         group, version, plural = spec["group"], spec["versions"][0]["name"], spec["names"]["plural"]
         while True:
             status, disc = rest.request("GET", f"/apis/{group}/{version}")

@@ -369,7 +369,10 @@ async def test_crd_accepts_a_valid_object(kube_api: Any, kube_namespace: str, ki
     ("kind", "path", "value", "expected"),
     [
         ("inferenceservice", "spec.predictor.minReplicas", "two", "must be of type integer"),
-        ("inferenceservice", "spec.predictor.canaryTrafficPercent", 150, "less than or equal to 100"),
+        # KServe's CRD leaves canaryTrafficPercent unbounded (its webhook checks it); spec.canary[] is bounded
+        ("inferenceservice", "spec.canary", [{"predictor": {"name": "c"}, "trafficPercent": 150}],
+         "less than or equal to 100"),
+        ("inferenceservice", "spec.canary", [{"trafficPercent": 10}], "spec.canary[0].predictor: Required"),
         ("inferenceservice", "spec.predictor.model.storageURI", "s3://x", 'unknown field "spec.predictor.model.storageURI"'),
         ("inferenceservice", "spec.predictor.model.modelFormat", {"version": "1"}, "spec.predictor.model.modelFormat.name: Required"),
         ("inferenceservice", "spec.predictor.scaleMetric", "gpu", "Unsupported value"),

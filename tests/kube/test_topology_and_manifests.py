@@ -14,7 +14,7 @@ import yaml
 
 from hubml_testing.kube_binaries import KUBE_DEV_DIR, REPO_ROOT, KubeHarnessError, read_versions
 from hubml_testing.kube_cluster import KubeCluster
-from hubml_testing.kube_crds import CRD_DIR, CRDS
+from hubml_testing.kube_crds import CRDS, crd_file, kserve_versions, load_crd
 from hubml_testing.kube_manifests import SCALE_LABEL, kubeconfig_dict, load_topology, outcome_annotations, scale_nodes, scale_pods, topology_nodes
 
 GPU_TAINT = {"key": "nvidia.com/gpu", "value": "present", "effect": "NoSchedule"}
@@ -153,18 +153,30 @@ def test_from_kubeconfig_rejects_foreign_files(tmp_path: Path, text: str) -> Non
         KubeCluster.from_kubeconfig(path)
 
 
-def test_crd_files_match_their_names() -> None:
+@pytest.mark.parametrize("release", ["current", "previous"])
+def test_crd_files_match_their_names(release: str) -> None:
     for short, name in CRDS.items():
-        crd = yaml.safe_load((CRD_DIR / f"{name}.yaml").read_text())
+        crd = load_crd(crd_file(short, release))
         assert crd["metadata"]["name"] == f"{crd['spec']['names']['plural']}.{crd['spec']['group']}" == name
         assert crd["spec"]["names"]["singular"] == short
+
+
+def test_kserve_releases_differ_in_standard_mode_canaries() -> None:
+    """The two pinned KServe releases are the two shapes hub_ext detects."""
+    def spec_props(release: str) -> dict:
+        crd = load_crd(crd_file("inferenceservice", release))
+        return crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]
+
+    assert spec_props("current")["canary"]["items"]["required"] == ["predictor", "trafficPercent"]
+    assert "canary" not in spec_props("previous")
+    assert kserve_versions()["current"] != kserve_versions()["previous"]
 
 
 def test_versions_file_pins_every_binary() -> None:
     versions = read_versions()
     assert versions["KUBE_VERSION"].startswith("v1.")
     assert versions["KUBE_STAGING_VERSION"] == "v0." + versions["KUBE_VERSION"].split(".", 1)[1]
-    assert {"ETCD_VERSION", "KWOK_VERSION", "HELM_VERSION"} <= set(versions)
+    assert {"ETCD_VERSION", "KWOK_VERSION", "HELM_VERSION", "KSERVE_VERSION", "KSERVE_PREVIOUS_VERSION"} <= set(versions)
 
 
 def run_cli(*args: str, env_extra: dict | None = None) -> subprocess.CompletedProcess:
