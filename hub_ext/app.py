@@ -36,7 +36,7 @@ from . import kube as k
 from . import training_objects
 from .endpoints import KSERVE_URL_FIELDS, Endpoints, check_template
 from .policy import Caller, Policy
-from .serving import Serving
+from .serving import KServeSettings, Serving
 from .training import CrdCache, JobReflector, Training
 
 #: What a user does when the cluster's MLflow fails: nothing they can fix themselves.
@@ -115,8 +115,8 @@ class HubMLService(Application):
         help="Base URL where notebook pods reach a deployment, for clusters that expose models through an ingress "
              "or gateway, e.g. 'https://models.example.org/{namespace}/{name}'. Placeholders: {name} (deployment), "
              "{namespace}, {user} (the owner's label-safe name), {flavour} ('deployment' or 'kserve'). hubml "
-             "appends the protocol path: /invocations (MLflow scoring server) or /v2/models/{name}/infer (KServe, "
-             "Open Inference Protocol). Empty (default): in-cluster DNS, http://{name}.{namespace}.svc.cluster.local "
+             "appends the protocol path: /invocations (MLflow's scoring server: Deployment flavour, KServe with the "
+             "hubml-mlflow runtime) or /v2/models/{name}/infer (KServe's own MLflow runtime, Open Inference Protocol). Empty (default): in-cluster DNS, http://{name}.{namespace}.svc.cluster.local "
              "for the Deployment flavour and http://{name}-predictor.{namespace}.svc.cluster.local for KServe. An "
              "InferenceService's own reported URL (see kserve_url_field) wins over this template once KServe has "
              "set it.").tag(config=True)
@@ -130,6 +130,53 @@ class HubMLService(Application):
                                  "it: 'address' (status.address.url, cluster-local: right for notebook pods in the "
                                  "cluster), 'url' (status.url, through KServe's ingress domain) or 'none' (always "
                                  "deployment_url_template / the in-cluster default).").tag(config=True)
+    kserve_deployment_mode = Unicode(
+        "Standard",
+        help="How new InferenceServices are deployed (annotation serving.kserve.io/deploymentMode): 'Standard' "
+             "(raw Kubernetes Deployments, KServe's default; legacy name RawDeployment) or 'Knative' (legacy "
+             "Serverless; needs Knative Serving). It decides how %deploy --canary splits traffic: Standard uses "
+             "named canaries (spec.canary[], KServe >= 0.20, detected from the CRD's schema), Knative "
+             "canaryTrafficPercent. Existing InferenceServices keep the mode they were made with.").tag(config=True)
+
+    @validate("kserve_deployment_mode")
+    def _check_kserve_mode(self, proposal: Any) -> str:
+        from .canary import normal_mode
+
+        return normal_mode(proposal.value)
+
+    kserve_runtime = Unicode(
+        "hubml-mlflow",
+        help="The ServingRuntime (in the jobs namespace) or ClusterServingRuntime InferenceServices name: "
+             "'hubml-mlflow' (a ServingRuntime of helm-values/hubml-extras) runs MLflow's own scoring server (`mlflow models serve`, "
+             "protocol /invocations) from the serving image. Empty: let KServe choose its runtime for "
+             "modelFormat mlflow (MLServer, Open Inference Protocol v2; MLflow dropped that integration).").tag(
+        config=True)
+
+    @validate("kserve_runtime")
+    def _check_kserve_runtime(self, proposal: Any) -> str:
+        if proposal.value:
+            try:
+                names.dns_label(proposal.value, "kserve_runtime")
+            except InvalidRequest as e:
+                raise ValueError(str(e)) from None
+        return proposal.value
+
+    kserve_storage_uri_map = Dict(
+        key_trait=Unicode(), value_trait=Unicode(),
+        help="Where KServe's storage initializer finds what the MLflow registry calls a model's location: URI "
+             "prefix -> readable prefix (s3://, gs://, https://, pvc://, hdfs://, webhdfs://, oci://, hf://). E.g. "
+             "{'mlflow-artifacts:/': 's3://mlflow/artifacts/'} for a tracking server started with "
+             "--artifacts-destination s3://mlflow/artifacts, or {'file:///mlflow/artifacts/': "
+             "'pvc://mlflow-artifacts/'} for one writing to a volume. A model whose location stays unreadable "
+             "(mlflow-artifacts:, file:, models:, runs:) is refused by %deploy on KServe, with nothing "
+             "created.").tag(config=True)
+
+    @validate("kserve_storage_uri_map")
+    def _check_storage_map(self, proposal: Any) -> dict[str, str]:
+        from .storage_uris import check_map
+
+        return check_map(proposal.value)
+
     extra_pod_annotations = Dict(
         key_trait=Unicode(), value_trait=Unicode(),
         help="Annotations added to every training pod (e.g. for a scheduler, a mesh, or test simulation).",
@@ -145,10 +192,17 @@ class HubMLService(Application):
     profiles = List(help="The GPU profile catalogue (same list as HubMLSpawner.gpu_profiles).").tag(config=True)
     profiles_file = Unicode("", help="YAML file holding the profile list (used when `profiles` is empty).").tag(
         config=True)
-    default_image = Unicode("quay.io/jupyter/pytorch-notebook:latest",
-                            help="Training image for profiles without an image choice.").tag(config=True)
-    serving_image = Unicode("ghcr.io/mlflow/mlflow:v3.17.2",
-                            help="Image of the MLflow scoring server (Deployment flavour).").tag(config=True)
+    default_image = Unicode(
+        "ghcr.io/hubml/singleuser:0.1.0",
+        help="Training image for profiles without an image choice: the single-user image "
+             "(helm-values/images/singleuser.Dockerfile), so workers import what the notebook imports (torch, "
+             "mlflow, which every %%train cell's rank 0 logs with). Pin a version; an image without mlflow fails "
+             "every job.").tag(config=True)
+    serving_image = Unicode(
+        "ghcr.io/hubml/serving:0.1.0",
+        help="Image of MLflow's scoring server (helm-values/images/serving.Dockerfile: mlflow and torch, so a "
+             "PyTorch model loads; ghcr.io/mlflow/mlflow has no torch), run by the Deployment flavour and by the "
+             "hubml-mlflow ServingRuntime.").tag(config=True)
     allowed_images = List(Unicode(), help="Anchored regexes of extra images a job may ask for.").tag(config=True)
 
     @validate("allowed_images")
@@ -253,7 +307,9 @@ class HubMLService(Application):
                                                                         self.trainjob_runtime_kind))
         self.serving = Serving(self.kube, self.registry, self.policy, self.crds, flavour=self.serving_flavour,
                                mlflow_pod_uri=pod_uri,
-                               endpoints=Endpoints(self.deployment_url_template, self.kserve_url_field))
+                               endpoints=Endpoints(self.deployment_url_template, self.kserve_url_field),
+                               kserve=KServeSettings(self.kserve_deployment_mode, self.kserve_runtime,
+                                                     dict(self.kserve_storage_uri_map)))
         if self.use_informers:
             from kubernetes_asyncio import config as k8s_config
 

@@ -7,13 +7,15 @@ that exposes models through an ingress or a gateway (or a NetworkPolicy that onl
 lets notebooks reach that gateway) needs another base URL. The administrator
 gives it as ``HubMLService.deployment_url_template``; hubml appends the path of
 the serving protocol itself (``hubml.scoring.protocol_path``: ``/invocations``
-for MLflow's scoring server, ``/v2/models/<name>/infer`` for KServe's Open
-Inference Protocol), so the
+for MLflow's scoring server, which hubml's KServe runtime runs too,
+``/v2/models/<name>/infer`` for an InferenceService on KServe's own MLflow
+runtime, Open Inference Protocol), so the
 template only says where the server is, never which protocol it speaks.
 
 For KServe the InferenceService itself reports where it answers, once its
 controller has reconciled it: ``status.address.url`` (cluster-local, e.g.
-``http://NAME-predictor.NS.svc.cluster.local``) and ``status.url`` (through the
+``http://NAME-predictor.NS.svc.cluster.local``, or
+``NAME-PREDICTOR-predictor`` once a Standard-mode canary named PREDICTOR was promoted) and ``status.url`` (through the
 ingress domain, e.g. ``http://NAME-NS.example.com``). That report is preferred
 over any template (``kserve_url_field`` picks which of the two), because it is
 what the KServe installation actually routes; the template is the fallback until
@@ -47,8 +49,16 @@ _SAMPLE = {"name": "model-a", "namespace": "hubml-jobs", "user": "alice", "flavo
 
 
 def flavour_protocol(flavour: str) -> str:
-    """The scoring protocol a serving flavour speaks: KServe's MLflow runtime the Open Inference Protocol."""
-    return scoring.OPEN_INFERENCE if flavour == "kserve" else scoring.MLFLOW
+    """The scoring protocol a serving flavour speaks by default: MLflow's (``mlflow models serve``) for both,
+    since hubml's KServe runtime runs that same server."""
+    return scoring.MLFLOW
+
+
+def isvc_protocol(obj: dict[str, Any]) -> str:
+    """What an InferenceService's predictor speaks: the Open Inference Protocol when it asks for
+    ``protocolVersion: v2`` (KServe's own MLflow runtime, MLServer), else MLflow's (hubml's runtime)."""
+    model = (((obj.get("spec") or {}).get("predictor") or {}).get("model") or {})
+    return scoring.OPEN_INFERENCE if model.get("protocolVersion") == "v2" else scoring.MLFLOW
 
 
 def check_template(template: str) -> str:
@@ -134,4 +144,9 @@ class Endpoints:
             base = _kserve_reported(obj.get("status") or {}, self.kserve_url_field)
         if not base:
             base = self.base_url(flavour, name, namespace, user)
-        return base + scoring.protocol_path(flavour_protocol(flavour), name)
+            predictor_name = (((obj.get("spec") or {}).get("predictor") or {}).get("name") or "")
+            if flavour == "kserve" and not self.template and predictor_name:
+                # Standard mode after a promotion: the stable predictor (and its Service) carries the name
+                base = self.base_url(flavour, f"{name}-{predictor_name}", namespace, user)
+        protocol = isvc_protocol(obj) if flavour == "kserve" else flavour_protocol(flavour)
+        return base + scoring.protocol_path(protocol, name)

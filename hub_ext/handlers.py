@@ -291,6 +291,20 @@ class DeploymentHandler(BaseHandler):
         self.finish()
 
 
+class DeploymentRolloutHandler(BaseHandler):
+    """``POST /deployments/NAME/promote`` and ``/rollback``: finish a KServe canary one way or the other."""
+
+    required_scopes = (SCOPE_DEPLOYMENTS,)
+
+    @api_method
+    async def post(self, name: str, step: str) -> None:
+        if self.request.body and self.request.body.strip() not in (b"", b"{}"):
+            raise InvalidRequest(f"POST /deployments/{name}/{step} takes no body; send none (or {{}}).")
+        serving = self.service.serving
+        info = await (serving.promote(self.caller, name) if step == "promote" else serving.rollback(self.caller, name))
+        self.send_json(info.to_dict())
+
+
 def routes(prefix: str) -> list[tuple[str, type[web.RequestHandler]]]:
     """URL patterns under ``<prefix>api/v1/``."""
     base = f"{prefix.rstrip('/')}/api/{openapi.API_VERSION}"
@@ -308,6 +322,7 @@ def routes(prefix: str) -> list[tuple[str, type[web.RequestHandler]]]:
         (f"{base}/models/{seg}/versions/{seg}", ModelVersionHandler),
         (f"{base}/deployments", DeploymentsHandler),
         (f"{base}/deployments/{seg}", DeploymentHandler),
+        (f"{base}/deployments/{seg}/(promote|rollback)", DeploymentRolloutHandler),
     ]
 
 

@@ -254,6 +254,12 @@ class Kube:
         return await self.request("PATCH", res.path(namespace, name), body=patch,
                                   content_type="application/merge-patch+json")
 
+    async def json_patch(self, res: Resource, namespace: str | None, name: str,
+                         ops: list[dict[str, Any]]) -> dict[str, Any]:
+        """RFC 6902 JSON patch: replaces whole fields and can ``test`` a value first (optimistic locking)."""
+        return await self.request("PATCH", res.path(namespace, name), body=ops,
+                                  content_type="application/json-patch+json")
+
     async def delete(self, res: Resource, namespace: str | None, name: str, *,
                      propagation: str = "Background") -> bool:
         """Delete; False when it was already gone (deletes are idempotent)."""
@@ -295,6 +301,34 @@ class Kube:
         except NotFound:
             return False
         return any(r.get("name") == res.plural for r in data.get("resources") or ())
+
+
+    async def openapi_schema(self, res: Resource, known_url: str = "") -> tuple[str, dict[str, Any] | None]:
+        """The API server's published OpenAPI v3 schema of ``res``'s kind, with the document's URL.
+
+        Why OpenAPI discovery rather than reading the CRD: ``/openapi/v3`` is
+        open to every authenticated client (``system:discovery``), so the
+        service needs no cluster-wide right on CustomResourceDefinitions; and
+        it is what the API server actually validates against. The root lists
+        each group-version's document with a content hash in its URL, so a
+        caller that passes back ``known_url`` (the URL it got last time) gets
+        ``(url, None)`` for "unchanged" at the cost of one small request.
+        An unserved group-version answers ``("", {})``.
+        """
+        root = await self.request("GET", "/openapi/v3")
+        entry = ((root or {}).get("paths") or {}).get(f"apis/{res.group}/{res.version}") or {}
+        url = str(entry.get("serverRelativeURL") or "")
+        if not url:
+            return "", {}
+        if known_url and known_url == url:
+            return url, None
+        path, _, query = url.partition("?")
+        params = dict(p.split("=", 1) for p in query.split("&") if "=" in p)
+        doc = await self.request("GET", path, query=params)
+        group_reversed = ".".join(reversed(res.group.split(".")))
+        schema = (((doc or {}).get("components") or {}).get("schemas") or {}).get(
+            f"{group_reversed}.{res.version}.{res.kind}") or {}
+        return url, schema
 
 
 async def detect_crds(kube: Kube) -> dict[str, bool]:

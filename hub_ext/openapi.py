@@ -118,7 +118,16 @@ SCHEMAS: dict[str, Any] = {
                                   "version": {"type": "integer"}, "url": {"type": "string"},
                                   "state": {"type": "string", "enum": ["ready", "starting", "failed", "dead"]},
                                   "backend": {"type": "string"}, "created": {"type": "number"},
-                                  "message": {"type": "string"}, "pid": {"type": "integer", "nullable": True}}},
+                                  "message": {"type": "string"}, "pid": {"type": "integer", "nullable": True},
+                                  "canary": {"type": "object", "nullable": True,
+                                             "description": "KServe canary beside the stable version (model, "
+                                                            "version): its traffic share and readiness.",
+                                             "required": ["model", "version", "percent", "name", "ready"],
+                                             "properties": {"model": {"type": "string"},
+                                                            "version": {"type": "integer"},
+                                                            "percent": {"type": "integer"},
+                                                            "name": {"type": "string"},
+                                                            "ready": {"type": "boolean", "nullable": True}}}}},
     "Profile": {"type": "object", "required": ["name", "display", "gpu"],
                 "properties": {"name": {"type": "string"}, "display": {"type": "string"},
                                "description": {"type": "string"}, "gpu": {"type": "string"},
@@ -246,6 +255,14 @@ def document(server_url: str = "/services/hubml/api/v1") -> dict[str, Any]:
                        "responses": {"204": _resp(None, "Removed with everything it created."), **AUTH,
                                      **_errors(404, 502, 503)}},
         },
+        "/deployments/{name}/promote": {"post": {
+            "operationId": "promoteCanary", "security": dep_scope, "parameters": [DEP_NAME],
+            "summary": "The canary takes all traffic and becomes the stable version (KServe; no pod restarts).",
+            "responses": {"200": _resp("Deployment", "Promoted."), **AUTH, **_errors(403, 404, 409, 502, 503)}}},
+        "/deployments/{name}/rollback": {"post": {
+            "operationId": "rollbackCanary", "security": dep_scope, "parameters": [DEP_NAME],
+            "summary": "The stable version takes all traffic again and the canary is removed (KServe).",
+            "responses": {"200": _resp("Deployment", "Rolled back."), **AUTH, **_errors(403, 404, 409, 502, 503)}}},
     }
     return {
         "openapi": "3.0.3",

@@ -10,6 +10,8 @@ read these names too (pure: no I/O).
 
 from __future__ import annotations
 
+import json
+
 from typing import Any
 
 from kubespawner.slugs import is_valid_label, safe_slug
@@ -99,3 +101,12 @@ def owner_reference(obj: dict[str, Any]) -> dict[str, Any]:
     return {"apiVersion": obj["apiVersion"], "kind": obj["kind"], "name": meta["name"], "uid": meta["uid"],
             "controller": False, "blockOwnerDeletion": False}
 
+
+def spec_record(obj: dict[str, Any]) -> dict[str, Any]:
+    """The request hubml recorded on an object (``hubml.io/spec``); ``{}`` when absent or unreadable."""
+    raw = ((obj.get("metadata") or {}).get("annotations") or {}).get(ANNOTATION_SPEC, "{}")
+    try:
+        data = json.loads(raw)
+    except ValueError:
+        return {}
+    return data if isinstance(data, dict) else {}

@@ -26,7 +26,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from hubml import names
+from hubml import names, pending
 from hubml.errors import Forbidden, InvalidRequest, NotFound
 from hubml.jobs import JobState, JobStatus, TrainSpec, WorkerStatus
 from hubml.models import DeploySpec
@@ -274,6 +274,12 @@ def admit_serving(policy: Policy, caller: Caller, spec: DeploySpec, *, kserve: b
             "--canary needs KServe (the InferenceService CRD), which this cluster does not have; deploy without "
             "--canary, or ask an administrator to install KServe."
         )
+    if spec.canary_percent is not None and spec.name not in existing:
+        raise InvalidRequest(
+            f"--canary sends a share of an existing deployment's traffic to a new version, and you have no "
+            f"deployment {spec.name!r}: deploy the first version without --canary, then the next with "
+            f"--name {spec.name} --canary PERCENT."
+        )
     if spec.name not in existing and len(existing) >= policy.max_deployments_per_user:
         raise Forbidden(
             f"You already have {len(existing)} deployment(s) ({', '.join(existing)}); the limit is "
@@ -283,7 +289,8 @@ def admit_serving(policy: Policy, caller: Caller, spec: DeploySpec, *, kserve: b
 
 
 def assemble_serving(policy: Policy, caller: Caller, admitted: AdmittedServing, *, version: int,
-                     storage_uri: str, env: dict[str, str]) -> serving_objects.ServingPlan:
+                     storage_uri: str, env: dict[str, str], runtime: str = "",
+                     deployment_mode: str = "Standard") -> serving_objects.ServingPlan:
     """The plan of an admitted deployment, once the registry resolved the model version."""
     spec, profile = admitted.spec, admitted.profile
     resources = pod_resources(profile)
@@ -296,6 +303,7 @@ def assemble_serving(policy: Policy, caller: Caller, admitted: AdmittedServing, 
         node_affinity=profile.node_affinity() if profile else [],
         tolerations=profile.tolerations() if profile else [],
         pod_labels=profile.pod_labels() if profile else {}, env={**resources.env, **env}, created=time.time(),
+        runtime=runtime, deployment_mode=deployment_mode,
     )
     return plan.validate()  # storage_uri comes from the registry: still checked before it reaches a pod
 
@@ -325,16 +333,7 @@ def require_owner(obj: dict[str, Any] | None, caller: Caller, what: str, name: s
 # --------------------------------------------------------------------------- status
 
 
-def spec_record(obj: dict[str, Any]) -> dict[str, Any]:
-    """The request hubml recorded on an object (``hubml.io/spec``); ``{}`` when absent or unreadable."""
-    import json
-
-    raw = ((obj.get("metadata") or {}).get("annotations") or {}).get(ownership.ANNOTATION_SPEC, "{}")
-    try:
-        data = json.loads(raw)
-    except ValueError:
-        return {}
-    return data if isinstance(data, dict) else {}
+spec_record = ownership.spec_record
 
 
 def _ts(value: str | None) -> float | None:
@@ -429,7 +428,7 @@ def job_status(job: dict[str, Any], pods: list[dict[str, Any]]) -> JobStatus:
         state = JobState.FAILED
         cond = conditions.get("Failed") or {}
         message = cond.get("message") or cond.get("reason") or ""
-    elif trainjob and "Suspended" in conditions:
+    elif trainjob and "Suspended" in conditions and not pending.queue_of(job):
         state = JobState.PENDING
         cond = conditions["Suspended"]
         message = f"Suspended: {cond.get('message') or cond.get('reason') or 'the TrainJob is suspended'}"
@@ -437,6 +436,7 @@ def job_status(job: dict[str, Any], pods: list[dict[str, Any]]) -> JobStatus:
         state = JobState.RUNNING
     else:
         state = JobState.PENDING
+        message = pending.job_reason(job, by_rank, workers)
     first_failed = min(failed, key=lambda w: w.rank) if failed else None
     if state is JobState.FAILED and first_failed is not None:
         message = (f"Worker {first_failed.rank} exited with code {first_failed.exit_code}. " + message).strip()

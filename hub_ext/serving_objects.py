@@ -1,8 +1,10 @@
 """Kubernetes manifests of a model deployment, as plain dicts (no I/O).
 
 ``ServingPlan`` (validated field by field) -> ``inference_service`` (KServe
-v1beta1, ``modelFormat: mlflow``) or the ``scoring_deployment`` +
-``scoring_service`` + ``scoring_hpa`` trio running MLflow's scoring server.
+v1beta1, ``modelFormat: mlflow`` served by hubml's ServingRuntime, which
+runs MLflow's own scoring server) or the ``scoring_deployment`` +
+``scoring_service`` + ``scoring_hpa`` trio running the same server. Canary
+traffic of an InferenceService is ``canary``'s business.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from typing import Any
 from hubml import names, scoring
 from hubml.errors import InvalidRequest
 
+from . import canary, storage_uris
 from .endpoints import Endpoints, flavour_protocol
 from .ownership import ANNOTATION_SPEC, ANNOTATION_USERNAME, KIND_SERVING, LABEL_DEPLOYMENT, LABEL_KIND, metadata, owner_labels, user_slug
 from .pod_fields import check_resources, placement, security_context
@@ -48,6 +51,10 @@ class ServingPlan:
     env: dict[str, str] = field(default_factory=dict)  # MLFLOW_TRACKING_URI for the scoring server
     target_cpu_utilization: int = 70
     created: float = 0.0
+    #: KServe: the (Cluster)ServingRuntime to use ("" lets KServe pick one for modelFormat mlflow, i.e. MLServer
+    #: speaking the Open Inference Protocol) and the deployment mode annotation of a new InferenceService
+    runtime: str = ""
+    deployment_mode: str = "Standard"
 
     def validate(self) -> "ServingPlan":
         names.dns_label(self.name, "Deployment name")
@@ -73,6 +80,11 @@ class ServingPlan:
                 isinstance(self.canary_percent, bool) or not isinstance(self.canary_percent, int)
                 or not 0 < self.canary_percent < 100):
             raise InvalidRequest(f"canary must be a percentage from 1 to 99; got {self.canary_percent!r}.")
+        if self.runtime:
+            names.dns_label(self.runtime, "KServe serving runtime")
+        if self.deployment_mode not in canary.MODES:
+            raise InvalidRequest(f"KServe deployment mode must be one of {', '.join(canary.MODES)}; "
+                                 f"got {self.deployment_mode!r}.")
         check_resources(self.resources)
         names.labels(self.node_selector, "node selector")
         names.labels(self.pod_labels, "pod labels")
@@ -97,25 +109,32 @@ class ServingPlan:
 
 
 def inference_service(plan: ServingPlan) -> dict[str, Any]:
-    """KServe ``InferenceService`` v1beta1 serving the MLflow model at ``storageUri``.
+    """KServe ``InferenceService`` v1beta1 serving the MLflow model at ``storageUri`` to all traffic.
 
-    ``canaryTrafficPercent`` sends that share of traffic to this (new) revision,
-    the rest stays on the last ready one: ``%deploy --canary N`` on an existing
-    deployment.
+    With ``plan.runtime`` (hubml's ``hubml-mlflow`` ServingRuntime) the
+    predictor runs ``mlflow models serve`` on the files KServe's storage
+    initializer put in ``/mnt/models``, speaking MLflow's ``/invocations``
+    protocol; without it KServe picks its own runtime for ``mlflow`` (MLServer,
+    Open Inference Protocol v2). A canary is added to this by ``canary``.
     """
     plan.validate()
-    model: dict[str, Any] = {"modelFormat": {"name": "mlflow"}, "protocolVersion": "v2",
-                             "storageUri": plan.storage_uri}
+    if not storage_uris.is_readable(plan.storage_uri):
+        raise InvalidRequest(f"storageUri {plan.storage_uri!r} is not a location KServe's storage initializer "
+                             f"reads ({', '.join(s + '://' for s in storage_uris.READABLE_SCHEMES)}).")
+    model: dict[str, Any] = {"modelFormat": {"name": "mlflow"}, "storageUri": plan.storage_uri}
+    if plan.runtime:
+        model["runtime"] = plan.runtime
+    else:
+        model["protocolVersion"] = "v2"
     if plan.resources:
         model["resources"] = {k: dict(v) for k, v in plan.resources.items() if v}
     if plan.env:
         model["env"] = [{"name": k, "value": v} for k, v in sorted(plan.env.items())]
     predictor: dict[str, Any] = {"minReplicas": plan.min_replicas, "maxReplicas": plan.max_replicas,
                                  "model": model, **placement(plan.node_selector, plan.node_affinity, plan.tolerations)}
-    if plan.canary_percent is not None:
-        predictor["canaryTrafficPercent"] = plan.canary_percent
+    annotations = {**plan.annotations(), canary.MODE_ANNOTATION: plan.deployment_mode}
     return {"apiVersion": "serving.kserve.io/v1beta1", "kind": "InferenceService",
-            "metadata": metadata(plan.name, plan.namespace, plan.labels(), plan.annotations()),
+            "metadata": metadata(plan.name, plan.namespace, plan.labels(), annotations),
             "spec": {"predictor": predictor}}
 
 

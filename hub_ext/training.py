@@ -22,17 +22,17 @@ from __future__ import annotations
 import asyncio
 import secrets
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from typing import Any
 
-from hubml import names
+from hubml import names, pending
 from hubml.errors import InvalidRequest, NotFound
 from hubml.jobs import JobState, JobStatus, LogLine, TrainSpec
 
 from . import kube as k
 from . import log_cursor as lc
-from . import ownership, training_objects, policy as pol
+from . import canary, ownership, training_objects, policy as pol
 from hubml.registry import Registry
 
 @dataclass
@@ -44,6 +44,8 @@ class CrdCache:
     _at: float = 0.0
     _found: dict[str, bool] = field(default_factory=dict)
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    _isvc_schema_url: str = ""
+    _isvc_canary: bool = False
 
     async def get(self) -> dict[str, bool]:
         if time.monotonic() - self._at > self.ttl or not self._found:
@@ -52,6 +54,17 @@ class CrdCache:
                     self._found = await k.detect_crds(self.kube)
                     self._at = time.monotonic()
         return self._found
+
+    async def kserve_canary(self) -> bool:
+        """Whether the cluster's InferenceService CRD has Standard-mode named canaries (``spec.canary[]``,
+        KServe >= 0.20), read from the schema the API server publishes, never guessed from a version."""
+        if not (await self.get()).get("InferenceService"):
+            return False
+        async with self._lock:
+            url, schema = await self.kube.openapi_schema(k.INFERENCE_SERVICE, self._isvc_schema_url)
+            if schema is not None:
+                self._isvc_schema_url, self._isvc_canary = url, canary.schema_has_canary(schema)
+        return self._isvc_canary
 
     async def use_operator(self, flavour: str, operator: str, kind: str) -> bool:
         """Whether to create the operator's object (``kind``) rather than hubml's built-in one.
@@ -262,6 +275,15 @@ class Training:
         status = await self.get(caller, job_id)
         if status.state.finished:
             return status
+        if pending.queue_of(job) and pending.is_suspended(job):
+            # still queued in Kueue: nothing ran, and unsuspending it (as the deadline patch below does)
+            # would start pods behind Kueue's back; removing it removes its dependants too
+            await self.kube.delete(res, self.ns, job_id, propagation="Background")
+            if status.run_id:
+                await asyncio.to_thread(self.registry.end_run, status.run_id, "KILLED")
+            return replace(status, state=JobState.CANCELLED, finished=time.time(),
+                           message=f"Cancelled while queued in Kueue LocalQueue {pending.queue_of(job)!r}; no "
+                                   f"worker ran, and the job is removed.")
         now = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
         patch: dict[str, Any] = {"metadata": {"annotations": {ownership.ANNOTATION_CANCELLED: now}}}
         if res is k.JOB:

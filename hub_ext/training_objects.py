@@ -23,6 +23,7 @@ from urllib.parse import urlsplit
 
 from hubml import names
 from hubml.errors import InvalidRequest
+from hubml.profiles import KUEUE_QUEUE_LABEL
 
 from .ownership import (ANNOTATION_SPEC, ANNOTATION_USERNAME, COMPLETION_INDEX_ANNOTATION, KIND_TRAINING, LABEL_JOB,
                      LABEL_KIND, metadata, owner_labels, user_slug)
@@ -118,6 +119,11 @@ class TrainingPlan:
     def labels(self) -> dict[str, str]:
         return {**owner_labels(self.username, KIND_TRAINING), LABEL_JOB: self.job_id}
 
+    def workload_labels(self) -> dict[str, str]:
+        """The job object's labels: Kueue reads the queue label on the Job (PyTorchJob, TrainJob), not its pods."""
+        queue = {KUEUE_QUEUE_LABEL: self.pod_labels[KUEUE_QUEUE_LABEL]} if KUEUE_QUEUE_LABEL in self.pod_labels else {}
+        return {**self.labels(), **queue}
+
     def annotations(self) -> dict[str, str]:
         return {ANNOTATION_USERNAME: self.username,
                 ANNOTATION_SPEC: json.dumps(self.record, sort_keys=True, separators=(",", ":"))}
@@ -212,7 +218,7 @@ def indexed_job(plan: TrainingPlan) -> dict[str, Any]:
     if plan.active_deadline_seconds:
         spec["activeDeadlineSeconds"] = plan.active_deadline_seconds
     return {"apiVersion": "batch/v1", "kind": "Job",
-            "metadata": metadata(plan.job_name, plan.namespace, plan.labels(), plan.annotations()),
+            "metadata": metadata(plan.job_name, plan.namespace, plan.workload_labels(), plan.annotations()),
             "spec": spec}
 
 
@@ -243,7 +249,7 @@ def pytorch_job(plan: TrainingPlan) -> dict[str, Any]:
     if plan.active_deadline_seconds:
         run_policy["activeDeadlineSeconds"] = plan.active_deadline_seconds
     return {"apiVersion": "kubeflow.org/v1", "kind": "PyTorchJob",
-            "metadata": metadata(plan.job_name, plan.namespace, plan.labels(), plan.annotations()),
+            "metadata": metadata(plan.job_name, plan.namespace, plan.workload_labels(), plan.annotations()),
             "spec": {"nprocPerNode": str(plan.nproc_per_node), "runPolicy": run_policy,
                      "pytorchReplicaSpecs": replicas}}
 
@@ -394,7 +400,7 @@ def train_job(plan: TrainingPlan, runtime: TrainerRuntime = TrainerRuntime()) ->
     if plan.active_deadline_seconds:
         spec["activeDeadlineSeconds"] = plan.active_deadline_seconds
     return {"apiVersion": f"{TRAINER_API_GROUP}/v1alpha1", "kind": "TrainJob",
-            "metadata": metadata(plan.job_name, plan.namespace, plan.labels(), plan.annotations()),
+            "metadata": metadata(plan.job_name, plan.namespace, plan.workload_labels(), plan.annotations()),
             "spec": spec}
 
 

@@ -187,6 +187,17 @@ class DeploymentInfo:
     created: float
     message: str = ""
     pid: int | None = None
+    #: KServe canary beside the stable version: {"model", "version", "percent", "name", "ready": bool | None}
+    canary: dict[str, Any] | None = None
+
+    def traffic(self) -> str:
+        """The split in words for ``%deployments``: ``100% v3`` or ``80% v3 / 20% v4 (canary ready)``."""
+        if not self.canary:
+            return f"100% v{self.version}"
+        pct = int(self.canary.get("percent") or 0)
+        ready = self.canary.get("ready")
+        state = "ready" if ready else "not ready" if ready is False else "starting"
+        return f"{100 - pct}% v{self.version} / {pct}% v{self.canary.get('version')} (canary {state})"
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -59,6 +59,7 @@ _PROFILE_KEYS = {
     "custom_image": "free-text image allowed: {validation_regex, display, message}",
     "node_selector": "extra node labels required",
     "tolerations": "extra tolerations (added to the base ones)",
+    "queue": "Kueue LocalQueue the profile's pods and training jobs wait in (label kueue.x-k8s.io/queue-name)",
     "kubespawner_override": "any other KubeSpawner trait to override",
 }
 _GPU_KEYS = {"model", "count", "mig", "shared", "strategy", "resource"}
@@ -239,6 +240,12 @@ def _load_one(i: int, entry: Any, known: set[str] | None, problems: list[str]) -
         for j, t in enumerate(tolerations):
             _check_toleration(t, f"tolerations[{j}]", bad)
 
+    queue = entry.get("queue")
+    if queue is not None and (not isinstance(queue, str) or not _NAME_RE.match(queue) or len(queue) > 63):
+        bad("queue", f"{queue!r} must name a Kueue LocalQueue in the users' namespace: lowercase letters, digits "
+                     "and '-' (at most 63), like 'team-a-gpus'")
+        queue = None
+
     override = entry.get("kubespawner_override", {})
     if not isinstance(override, Mapping):
         bad("kubespawner_override", "must be a dict of KubeSpawner trait name -> value")
@@ -268,6 +275,7 @@ def _load_one(i: int, entry: Any, known: set[str] | None, problems: list[str]) -
         extra_node_selector=MappingProxyType(dict(node_selector)),
         extra_tolerations=tuple(MappingProxyType(dict(t)) for t in tolerations),
         kubespawner_override=MappingProxyType(dict(override)),
+        queue=queue,
     )
 
 

@@ -73,6 +73,7 @@ __all__ = [
     "LABEL_PROFILE",
     "LABEL_GPU_MODEL",
     "LABEL_HOURLY_COST",
+    "KUEUE_QUEUE_LABEL",
     "ANNOTATION_IDLE_TIMEOUT",
     "ANNOTATION_GPU_RESOURCE",
     "ANNOTATION_GPU_COUNT",
@@ -96,6 +97,8 @@ GPU_TAINT_KEY = "nvidia.com/gpu"
 LABEL_PROFILE = "hubml.io/profile"
 LABEL_GPU_MODEL = "hubml.io/gpu-model"
 LABEL_HOURLY_COST = "hubml.io/hourly-cost"
+#: Kueue's label naming the LocalQueue a workload waits in (on Jobs, PyTorchJobs, TrainJobs and plain pods)
+KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 ANNOTATION_IDLE_TIMEOUT = "hubml.io/idle-timeout"
 ANNOTATION_GPU_RESOURCE = "hubml.io/gpu-resource"
 ANNOTATION_GPU_COUNT = "hubml.io/gpu-count"
@@ -199,6 +202,8 @@ class Profile:
     extra_node_selector: Mapping[str, str] = field(default_factory=dict)
     extra_tolerations: tuple[Mapping[str, Any], ...] = ()
     kubespawner_override: Mapping[str, Any] = field(default_factory=dict)
+    #: Kueue LocalQueue (label ``kueue.x-k8s.io/queue-name``); None: not queued
+    queue: str | None = None
 
     # -- what the pod asks for
 
@@ -243,11 +248,14 @@ class Profile:
             labels[LABEL_GPU_MODEL] = self.gpu.model
         if self.hourly_cost is not None:
             labels[LABEL_HOURLY_COST] = f"{self.hourly_cost:.2f}"
+        if self.queue:
+            labels[KUEUE_QUEUE_LABEL] = self.queue
         return labels
 
     def pod_annotations(self) -> dict[str, str]:
         """The labels plus what does not fit a label value (resource names, timeouts)."""
         ann = dict(self.pod_labels())
+        ann.pop(KUEUE_QUEUE_LABEL, None)  # Kueue reads the label; nothing reads it as an annotation
         if self.idle_timeout_seconds is not None:
             ann[ANNOTATION_IDLE_TIMEOUT] = str(self.idle_timeout_seconds)
         if self.gpu:

@@ -72,6 +72,8 @@ def scoring_payload(data: Any) -> dict[str, Any]:
         if all(isinstance(row, dict) for row in data):
             body = {"dataframe_records": list(data)}
         else:
+            # a ragged table is no tensor on either protocol: refuse it here, not after a round trip
+            _rectangular(list(data))
             body = {"inputs": list(data)}
     else:
         raise InvalidRequest(
@@ -202,6 +204,12 @@ def _v2_datatype(flat: list[Any]) -> str:
 
 def _tensor(name: str, values: Any) -> dict[str, Any]:
     """One Open Inference Protocol input: ``shape`` from the nesting, ``data`` flattened row-major."""
+    shape, flat = _rectangular(values)
+    return {"name": name, "shape": shape, "datatype": _v2_datatype(flat), "data": flat}
+
+
+def _rectangular(values: Any) -> tuple[list[int], list[Any]]:
+    """The shape of nested rows and their values row-major; ``InvalidRequest`` when the table is ragged."""
     shape: list[int] = []
     probe = values
     while isinstance(probe, (list, tuple)):
@@ -222,9 +230,7 @@ def _tensor(name: str, values: Any) -> dict[str, Any]:
             walk(item, depth + 1)
 
     walk(values, 0)
-    if not shape:
-        shape = [1]
-    return {"name": name, "shape": shape, "datatype": _v2_datatype(flat), "data": flat}
+    return shape or [1], flat
 
 
 def v2_request(payload: dict[str, Any]) -> dict[str, Any]:

@@ -24,7 +24,7 @@ from hubml.models import (
     RegisterRequest,
 )
 
-__all__ = ["register_model", "models", "deploy", "deployments", "undeploy", "predict"]
+__all__ = ["register_model", "models", "deploy", "deployments", "undeploy", "predict", "promote", "rollback"]
 
 
 def register_model(name: str, run_id: str | None = None, *, artifact_path: str = "model",
@@ -98,6 +98,16 @@ def deploy_request(model: str, name: str | None = None, *, port: int | None = No
 def deployments(*, backend: str | None = None) -> list[DeploymentInfo]:
     """Every deployment with its current state (``ready``, ``dead``, ``unresponsive``)."""
     return SESSION.backend(backend).deployments()
+
+
+def promote(name: str, *, backend: str | None = None) -> DeploymentInfo:
+    """Finish a canary rollout forwards: the canary takes all traffic and becomes the stable version."""
+    return SESSION.backend(backend).promote(names.dns_label(name, "Deployment name"))
+
+
+def rollback(name: str, *, backend: str | None = None) -> DeploymentInfo:
+    """Finish a canary rollout backwards: the stable version takes all traffic again and the canary goes."""
+    return SESSION.backend(backend).rollback(names.dns_label(name, "Deployment name"))
 
 
 def undeploy(name: str, *, backend: str | None = None) -> None:

@@ -74,6 +74,14 @@ class ModelBackend(abc.ABC):
     def undeploy(self, name: str) -> None: ...
 
     @abc.abstractmethod
+    def promote(self, name: str) -> DeploymentInfo:
+        """The deployment's canary takes all traffic and becomes its stable version."""
+
+    @abc.abstractmethod
+    def rollback(self, name: str) -> DeploymentInfo:
+        """The deployment's stable version takes all traffic again; its canary goes."""
+
+    @abc.abstractmethod
     def predict(self, name: str, data: Any) -> Any:
         """Send ``data`` (a list of rows, a dict of columns, or a DataFrame) to a deployment."""
 

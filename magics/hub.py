@@ -183,6 +183,12 @@ class HubBackend(Backend):
     def undeploy(self, name: str) -> None:
         self._call("DELETE", f"/deployments/{urllib.parse.quote(name, safe='')}")
 
+    def promote(self, name: str) -> DeploymentInfo:
+        return DeploymentInfo.from_dict(self._call("POST", f"/deployments/{urllib.parse.quote(name, safe='')}/promote"))
+
+    def rollback(self, name: str) -> DeploymentInfo:
+        return DeploymentInfo.from_dict(self._call("POST", f"/deployments/{urllib.parse.quote(name, safe='')}/rollback"))
+
     def _signature(self, info: DeploymentInfo) -> str | None:
         """The served version's input signature, as the service reads it from the MLmodel (None when unknown)."""
         try:

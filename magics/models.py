@@ -93,7 +93,7 @@ class ModelMagics(Magics):
         print(_table(rows))
 
     @magic_arguments()
-    @argument("model", metavar="NAME[@alias|/version]",
+    @argument("model", metavar="NAME[@alias|/version]", nargs="?",
               help="The registered model: NAME (latest version), NAME@alias or NAME/version.")
     @argument("--name", help="Deployment name (default: the model name). Deploying again under the same name "
                              "replaces the running server without downtime.")
@@ -106,7 +106,14 @@ class ModelMagics(Magics):
     @argument("--max-replicas", type=int, default=1, metavar="N", help="Hub backend: most replicas (default 1).")
     @argument("--canary", type=int, default=None, metavar="PERCENT",
               help="Hub backend with KServe: redeploy under the same name sending PERCENT%% of the traffic "
-                   "to the new version (1-99); the rest stays on the running one.")
+                   "to the new version (1-99); the rest stays on the running one. Again with the same version "
+                   "changes its share; finish with --promote or --rollback.")
+    @argument("--promote", metavar="DEPLOYMENT",
+              help="Hub backend with KServe: the canary of DEPLOYMENT takes all traffic and becomes its stable "
+                   "version (no pod restarts).")
+    @argument("--rollback", metavar="DEPLOYMENT",
+              help="Hub backend with KServe: DEPLOYMENT's stable version takes all traffic again; the canary "
+                   "goes.")
     @argument("--backend", help=_BACKEND_HELP)
     @line_magic
     def deploy(self, line: str) -> None:
@@ -115,6 +122,12 @@ class ModelMagics(Magics):
         Example: ``%deploy iris-clf@champion`` then ``%predict iris-clf [[5.1, 3.5, 1.4, 0.2]]``
         """
         args = _parse(self.deploy, line)
+        if args.promote or args.rollback:
+            self._finish_rollout(args)
+            return
+        if not args.model:
+            raise UsageError("%deploy needs the model to serve (%deploy NAME[@alias|/version]), or --promote "
+                             "DEPLOYMENT / --rollback DEPLOYMENT to finish a canary. See %deploy? for details.")
         with user_errors():
             spec = api.deploy_request(args.model, args.name, port=args.port, timeout=args.timeout,
                                       profile=args.profile, min_replicas=args.min_replicas,
@@ -122,10 +135,40 @@ class ModelMagics(Magics):
             backend = SESSION.backend(args.backend)
             print(f"Deploying {spec.model} as {spec.name!r}: waiting until its server answers...", flush=True)
             info = backend.deploy(spec, wait=args.timeout)
+        if info.canary:
+            print(f"Deployment {info.name!r}: {info.traffic()} at {info.url}")
+            print(f"Watch it with %deployments; finish with %deploy --promote {info.name} or "
+                  f"%deploy --rollback {info.name}.")
+            return
         print(f"Deployment {info.name!r} serves {info.model} (version {info.version}) at {info.url}")
         if info.message:
             print(f"({info.message})")
         print(f"Try it: %predict {info.name} [[...]]   or   hubml.predict({info.name!r}, data)")
+
+    @staticmethod
+    def _finish_rollout(args: Any) -> None:
+        """``%deploy --promote NAME`` / ``--rollback NAME``: nothing else may be on the line."""
+        if args.promote and args.rollback:
+            raise UsageError("Give --promote or --rollback, not both: one finishes the canary forwards, the other "
+                             "backwards.")
+        flag, name = ("--promote", args.promote) if args.promote else ("--rollback", args.rollback)
+        extra = [f for f, v in (("a model", args.model), ("--canary", args.canary), ("--name", args.name),
+                                ("--port", args.port), ("--profile", args.profile), ("--timeout", args.timeout))
+                 if v is not None]
+        extra += [f for f, v, d in (("--min-replicas", args.min_replicas, 1), ("--max-replicas", args.max_replicas, 1))
+                  if v != d]
+        if extra:
+            raise UsageError(f"%deploy {flag} {name} takes only --backend; remove {', '.join(extra)}. (To deploy "
+                             f"another version, run %deploy MODEL --name {name} on its own.)")
+        with user_errors():
+            if args.promote:
+                info = api.promote(name, backend=args.backend)
+                print(f"Promoted: deployment {info.name!r} now serves {info.model} (version {info.version}) to all "
+                      f"traffic at {info.url}")
+            else:
+                info = api.rollback(name, backend=args.backend)
+                print(f"Rolled back: deployment {info.name!r} serves {info.model} (version {info.version}) to all "
+                      f"traffic again; the canary is gone.")
 
     @magic_arguments()
     @argument("--backend", help=_BACKEND_HELP)
@@ -138,8 +181,8 @@ class ModelMagics(Magics):
         if not found:
             print("No deployments. Start one with %deploy NAME[@alias|/version].")
             return
-        rows = [("DEPLOYMENT", "MODEL", "VERSION", "STATE", "URL")]
-        rows += [(d.name, d.model, str(d.version), d.state, d.url) for d in found]
+        rows = [("DEPLOYMENT", "MODEL", "VERSION", "STATE", "TRAFFIC", "URL")]
+        rows += [(d.name, d.model, str(d.version), d.state, d.traffic(), d.url) for d in found]
         print(_table(rows))
         for d in found:
             if d.state != "ready" and d.message:

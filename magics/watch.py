@@ -92,9 +92,14 @@ def follow_logs(backend: Any, job_id: str, rank: int | None = None, poll: float 
     """Print a job's lines until it ends (``%train_logs --follow``); Ctrl-C stops following only."""
     out = out or sys.stdout
     cursor: Any = None
+    said = ""
     try:
         while True:
             status = backend.job(job_id)
+            if status.state is JobState.PENDING and status.message and status.message != said:
+                # a Pending job has no lines yet: say why it waits, and keep waiting
+                said = status.message
+                print(f"({job_id} is pending: {status.message})", file=out, flush=True)
             chunk = backend.read_logs(job_id, cursor)
             cursor = chunk.next_cursor
             print_lines(chunk.lines, rank=rank, out=out)
@@ -185,18 +190,27 @@ class TextView:
     def __init__(self, out: Any = None) -> None:
         self.out = out or sys.stdout
         self._state: JobState | None = None
+        self._message = ""
 
     def start(self, status: JobStatus) -> None:
-        self._state = status.state
+        self._state, self._message = status.state, status.message
         self.note(start_line(status))
+        if status.message and not status.state.finished:
+            self.note(f"{status.id}: {status.message}")
 
     def lines(self, lines: list[LogLine]) -> None:
         print_lines(lines, out=self.out)
 
     def update(self, status: JobStatus, metrics: dict[str, list[tuple[int, float]]]) -> None:
-        if status.state is not self._state and not status.state.finished:
-            self._state = status.state
-            self.note(f"{status.id}: {status.state.value}")
+        if status.state.finished:
+            return
+        if status.state is not self._state:
+            self._state, self._message = status.state, status.message
+            self.note(f"{status.id}: {status.state.value}" + (f" ({status.message})" if status.message else ""))
+        elif status.message and status.message != self._message:
+            # why it still waits (queued, unschedulable, image pull) changed: say so once
+            self._message = status.message
+            self.note(f"{status.id}: {status.message}")
 
     def note(self, text: str) -> None:
         print(text, file=self.out, flush=True)

@@ -19,6 +19,7 @@ are shown after the GPU profiles and go through the same option validation).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import json
 from typing import Any
@@ -28,6 +29,7 @@ from kubespawner import KubeSpawner
 from tornado import web
 from traitlets import Bool, Dict, Int, List, TraitError, Unicode, default, validate
 
+from hubml import pending
 from hubml.availability import UsageIndex
 from hubml.profile_config import load_catalogue
 from hubml.profiles import Catalogue, ProfileConfigError
@@ -306,6 +308,42 @@ class HubMLSpawner(KubeSpawner):
         except asyncio.CancelledError:
             task.cancel()
             raise
+
+    async def progress(self):
+        """KubeSpawner's event messages, plus why the pod still waits when no event says it.
+
+        A pod gated by Kueue (kueue.x-k8s.io/admission) gets no scheduler
+        events at all (kubespawner #922): without this the spawn page shows
+        nothing but the patience message until the queue admits it.
+        """
+        events = super().progress().__aiter__()
+        said = ""
+        upcoming: asyncio.Future | None = asyncio.ensure_future(events.__anext__())
+        try:
+            while upcoming is not None:
+                done, _ = await asyncio.wait([upcoming], timeout=1.0)
+                if done:
+                    try:
+                        event = upcoming.result()
+                    except StopAsyncIteration:
+                        return
+                    yield event
+                    upcoming = asyncio.ensure_future(events.__anext__())
+                reason = self._pending_reason()
+                if reason and reason != said:
+                    said = reason
+                    yield {"message": f"Pending: your server {reason}."}
+        finally:
+            if upcoming is not None and not upcoming.done():
+                upcoming.cancel()
+                with contextlib.suppress(BaseException):
+                    await upcoming
+            await events.aclose()
+
+    def _pending_reason(self) -> str:
+        pods = self.pod_reflector.pods if self.pod_reflector else {}
+        pod = pods.get(f"{self.namespace}/{self.pod_name}")
+        return pending.pod_reason(pod) if pod else ""
 
     def _unschedulable_message(self) -> str | None:
         prof = getattr(self, "_hubml_profile", None)

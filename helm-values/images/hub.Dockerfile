@@ -9,7 +9,10 @@
 # jupyterhub_config.py and z2jh.py into /usr/local/etc/jupyterhub/ and runs
 # `jupyterhub --config /usr/local/etc/jupyterhub/jupyterhub_config.py`, so the
 # image needs what that file imports: jupyterhub, kubespawner,
-# kubernetes_asyncio, pycurl (tornado's curl client) and the authenticators.
+# kubernetes_asyncio, pycurl (tornado's curl client) and the authenticators;
+# hubml's hub service (same image, in hubml-extras) talks to the MLflow
+# registry with MlflowClient, hence mlflow-skinny (the client without the
+# server's dependencies; same version as the tracking server).
 # Pin the base by digest in production (docker buildx imagetools inspect).
 FROM python:3.11.14-slim-bookworm
 
@@ -33,11 +36,12 @@ COPY magics /src/hubml/magics
 
 RUN pip install \
         "/src/hubml[hub]" \
+        mlflow-skinny==3.17.2 \
         pycurl==7.45.7 \
         oauthenticator==17.4.0 \
  && apt-get purge -y gcc libcurl4-openssl-dev libssl-dev \
  && apt-get autoremove -y \
- && python3 -c "import hubml.spawner, hubml.culler, hubml.hub_ext, kubespawner, pycurl"
+ && python3 -c "import hubml.spawner, hubml.culler, hubml.hub_ext, hubml.registry, kubespawner, pycurl, mlflow.tracking"
 
 # The chart runs the hub as uid 1000 with fsGroup 1000 and mounts the sqlite
 # PVC at /srv/jupyterhub (the working directory: db_url sqlite:///jupyterhub.sqlite).

@@ -172,6 +172,22 @@ class LocalDeployments:
             _unlink(self._record_path(name))
             _unlink(server.log_path)
 
+    def promote(self, name: str) -> DeploymentInfo:
+        return self._no_canaries(name, "--promote")
+
+    def rollback(self, name: str) -> DeploymentInfo:
+        return self._no_canaries(name, "--rollback")
+
+    def _no_canaries(self, name: str, flag: str) -> DeploymentInfo:
+        names.dns_label(name, "Deployment name")
+        if self._read_record(name) is None:
+            raise NotFound(self._unknown_deployment(name))
+        raise InvalidRequest(
+            f"%deploy {flag} finishes a canary rollout, and local deployments have no canaries: each serves one "
+            f"version, and %deploy MODEL --name {name} replaces it without downtime. Canaries need the hub "
+            f"backend with KServe (--backend hub)."
+        )
+
     def predict(self, name: str, data: Any) -> Any:
         names.dns_label(name, "Deployment name")
         body = scoring.request_body(data)

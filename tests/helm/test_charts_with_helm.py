@@ -29,6 +29,7 @@ from hubml_testing.helm_values import (
 )
 
 SM_API = "monitoring.coreos.com/v1/ServiceMonitor"
+SR_API = "serving.kserve.io/v1alpha1/ServingRuntime"
 
 
 def render(*args: str, namespace: str = "hubml") -> list[dict]:
@@ -114,6 +115,50 @@ def test_service_monitors_only_where_the_crd_is_served():
     assert not by_kind(docs, "ServiceMonitor")
 
 
+def test_serving_runtime_only_where_kserve_is_served_and_it_fits_hubmls_inference_services():
+    from hubml.hub_ext import serving_objects
+
+    assert not by_kind(render(), "ServingRuntime"), "no KServe, no ServingRuntime (helm would fail on the kind)"
+    docs = render("--api-versions", SR_API, "--set", "jobsNamespace=hubml-jobs")
+    runtime = one(docs, "ServingRuntime", "hubml-mlflow")
+    assert runtime["metadata"]["namespace"] == "hubml-jobs"  # beside the InferenceServices that name it
+    config = json.loads(one(docs, "ConfigMap", "hubml-hub-ext-config")["data"]["hubml_service_config.json"])
+    hub = config["HubMLService"]
+    assert hub["kserve_runtime"] == "hubml-mlflow" and hub["kserve_deployment_mode"] == "Standard"
+    [container] = runtime["spec"]["containers"]
+    assert container["name"] == "kserve-container"
+    assert container["image"] == hub["serving_image"] == "ghcr.io/hubml/serving:0.1.0"
+    assert container["command"] + container["args"][:2] == ["mlflow", "models", "serve", "--model-uri", "/mnt/models"]
+    assert "--env-manager" in container["args"] and container["securityContext"]["runAsNonRoot"] is True
+    # what KServe matches an InferenceService against: model format and protocol
+    plan = serving_objects.ServingPlan(name="iris", namespace="hubml-jobs", username="alice", model="iris/1",
+                                       model_name="iris", version=1, storage_uri="s3://b/1/model",
+                                       image=hub["serving_image"], runtime=hub["kserve_runtime"]).validate()
+    model = serving_objects.inference_service(plan)["spec"]["predictor"]["model"]
+    assert model["runtime"] == runtime["metadata"]["name"]
+    assert model["modelFormat"]["name"] in [f["name"] for f in runtime["spec"]["supportedModelFormats"]]
+    assert model.get("protocolVersion", "v1") in runtime["spec"]["protocolVersions"]
+    # switched off: no runtime, and hub_ext lets KServe choose (kserve_runtime "")
+    docs = render("--api-versions", SR_API, "--set", "serving.kserve.runtime.enabled=false")
+    assert not by_kind(docs, "ServingRuntime")
+    config = json.loads(one(docs, "ConfigMap", "hubml-hub-ext-config")["data"]["hubml_service_config.json"])
+    assert config["HubMLService"]["kserve_runtime"] == ""
+
+
+def test_kserve_storage_map_follows_mlflows_artifact_destination():
+    def service_config(*args):
+        docs = render(*args)
+        text = one(docs, "ConfigMap", "hubml-hub-ext-config")["data"]["hubml_service_config.json"]
+        return json.loads(text)["HubMLService"]
+
+    assert "kserve_storage_uri_map" not in service_config()  # artifacts on MLflow's PVC: nothing KServe reads
+    config = service_config("--set", "mlflow.artifactsDestination=s3://bucket/mlflow/")
+    assert config["kserve_storage_uri_map"] == {"mlflow-artifacts:/": "s3://bucket/mlflow/"}
+    config = service_config("--set", "mlflow.artifactsDestination=s3://bucket/mlflow",
+                            "--set-json", 'serving.kserve.storageUriMap={"mlflow-artifacts:/":"gs://mirror/a/"}')
+    assert config["kserve_storage_uri_map"] == {"mlflow-artifacts:/": "gs://mirror/a/"}  # explicit wins
+
+
 def test_jobs_namespace_gets_role_and_training_policy():
     docs = render("--set", "jobsNamespace=hubml-jobs")
     for kind, name in (("Role", "hubml-hub-ext"), ("RoleBinding", "hubml-hub-ext"),
@@ -187,6 +232,8 @@ BAD_EXTRAS = {
     "unknown pull policy": (["--set", "mlflow.image.pullPolicy=Sometimes"], "pullPolicy"),
     "scrape interval without unit": (["--set", "monitoring.serviceMonitor.interval=30"], "interval"),
     "no training selector": (["--set", "trainingNetworkPolicy.podSelector=null"], "trainingNetworkPolicy.podSelector"),
+    "unknown KServe mode": (["--set", "serving.kserve.deploymentMode=Fast"], "deploymentMode"),
+    "runtime not a DNS label": (["--set", "serving.kserve.runtime.name=MLflow_Runtime"], "/serving/kserve/runtime/name"),
 }
 
 

@@ -1,4 +1,4 @@
-"""The Dockerfiles of the hub and single-user images (built by release tooling, not in CI).
+"""The Dockerfiles of the hub, single-user and serving images (built by release tooling, not in CI).
 
 What can be checked without building: every base image and package is pinned,
 every file they COPY exists in the repository, and the IPython configuration
@@ -15,7 +15,7 @@ import pytest
 from hubml_testing.helm_values import HELM_VALUES, REPO_ROOT, merged_values
 
 IMAGES = HELM_VALUES / "images"
-DOCKERFILES = ["hub.Dockerfile", "singleuser.Dockerfile"]
+DOCKERFILES = ["hub.Dockerfile", "singleuser.Dockerfile", "serving.Dockerfile"]
 IPYTHON_CONFIG = IMAGES / "ipython" / "ipython_kernel_config.py"
 
 
@@ -70,6 +70,48 @@ def test_values_reference_the_images_the_dockerfiles_build():
         image = values[key]["image"]
         ref = f"{image['name']}:{image['tag']}"
         assert ref in (IMAGES / name).read_text(), f"{name} does not say it builds {ref} (values.yaml {key}.image)"
+
+
+def test_extras_serving_image_is_the_one_serving_dockerfile_builds():
+    import yaml
+
+    serving = yaml.safe_load((HELM_VALUES / "hubml-extras" / "values.yaml").read_text())["serving"]["image"]
+    ref = f"{serving['name']}:{serving['tag']}"
+    assert ref in (IMAGES / "serving.Dockerfile").read_text(), f"serving.Dockerfile does not say it builds {ref}"
+
+
+def test_serving_image_pins_what_pyproject_pins():
+    """Models are logged with pyproject's torch and mlflow; the image that loads them must match."""
+    import tomllib
+
+    project = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]
+    pins = dict(req.split(";")[0].split("#")[0].strip().split("==", 1)
+                for req in project["optional-dependencies"]["notebook"] if "==" in req)
+    text = (IMAGES / "serving.Dockerfile").read_text()
+    for pkg in ("mlflow", "torch"):
+        assert pkg in pins, f"pyproject.toml no longer pins {pkg}"
+        assert f"{pkg}=={pins[pkg]}" in text, f"serving.Dockerfile must install {pkg}=={pins[pkg]} (pyproject.toml)"
+
+
+def test_hub_image_has_the_registry_client_the_hub_service_uses():
+    """hub_ext builds an MlflowClient at set-up; hubml[hub] alone has no mlflow (issue 11's first defect)."""
+    import tomllib
+
+    project = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]
+    mlflow_pin = next(r for r in project["optional-dependencies"]["notebook"] if r.startswith("mlflow=="))
+    text = (IMAGES / "hub.Dockerfile").read_text()
+    assert mlflow_pin.replace("mlflow", "mlflow-skinny") in text or mlflow_pin in text, (
+        f"hub.Dockerfile must install the MLflow client at the tracking server's version ({mlflow_pin})")
+    assert "mlflow.tracking" in text, "hub.Dockerfile's import check must import the MLflow client"
+
+
+def test_hub_ext_default_images_are_the_projects_own():
+    """Training runs in the single-user image (torch + mlflow), serving in the serving image."""
+    from hubml.hub_ext.app import HubMLService
+
+    svc = HubMLService()
+    assert svc.default_image == "{name}:{tag}".format(**merged_values()["singleuser"]["image"])
+    assert svc.serving_image in (IMAGES / "serving.Dockerfile").read_text()
 
 
 def test_singleuser_ipython_config_loads_the_magics(kernel_factory, tmp_path):

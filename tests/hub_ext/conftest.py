@@ -137,6 +137,9 @@ def start_service(tmp: Path, hub_port_token: tuple[int, str], hub: RunningHub, n
         "c.HubMLService.default_image = 'quay.io/hubml/runtime:1'",
         "c.HubMLService.training_flavour = 'job'",
         "c.HubMLService.crd_cache_seconds = 0.0",
+        # the tracking server proxies its artifacts (mlflow-artifacts:/); in a cluster they would sit in an
+        # object store KServe's storage initializer reads, which is what this mapping says
+        "c.HubMLService.kserve_storage_uri_map = {'mlflow-artifacts:/': 's3://hubml-test-artifacts/'}",
         extra_config,
     ]) + "\n")
     log_path = tmp / "hubml-service.log"

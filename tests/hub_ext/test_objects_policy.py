@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+from dataclasses import replace
+
 import pytest
 
 from hubml.errors import Forbidden, InvalidRequest, NotFound
@@ -181,17 +183,28 @@ def test_ownership():
 
 def _serving(policy, kserve=True, **kw):
     spec = DeploySpec(model=ModelRef.parse("iris-clf@champion"), name=kw.pop("name", "iris"), **kw)
-    return pol.plan_serving(policy, ALICE, spec, version=3, storage_uri="mlflow-artifacts://h/1/models/m/artifacts",
-                            kserve=kserve, env={"MLFLOW_TRACKING_URI": "http://mlflow:5000"})
+    return pol.plan_serving(policy, ALICE, spec, version=3, storage_uri="s3://mlflow/1/models/m/artifacts",
+                            kserve=kserve, env={"MLFLOW_TRACKING_URI": "http://mlflow:5000"},
+                            existing=["iris"])
 
 
 def test_inference_service_shape(policy):
-    isvc = serving_objects.inference_service(_serving(policy, min_replicas=1, max_replicas=3, canary_percent=10))
+    plan = replace(_serving(policy, min_replicas=1, max_replicas=3), runtime="hubml-mlflow")
+    isvc = serving_objects.inference_service(plan)
     pred = isvc["spec"]["predictor"]
-    assert pred["model"]["modelFormat"] == {"name": "mlflow"}
-    assert pred["model"]["storageUri"].startswith("mlflow-artifacts://")
-    assert (pred["minReplicas"], pred["maxReplicas"], pred["canaryTrafficPercent"]) == (1, 3, 10)
+    assert {k: pred["model"][k] for k in ("modelFormat", "runtime", "storageUri")} == {
+        "modelFormat": {"name": "mlflow"}, "runtime": "hubml-mlflow", "storageUri": "s3://mlflow/1/models/m/artifacts"}
+    assert {"name": "MLFLOW_TRACKING_URI", "value": "http://mlflow:5000"} in pred["model"]["env"]
+    assert "protocolVersion" not in pred["model"]
+    assert (pred["minReplicas"], pred["maxReplicas"]) == (1, 3) and "canaryTrafficPercent" not in pred
     assert isvc["metadata"]["labels"][ownership.LABEL_DEPLOYMENT] == "iris"
+    assert isvc["metadata"]["annotations"]["serving.kserve.io/deploymentMode"] == "Standard"
+    # without hubml's runtime KServe picks its own for mlflow (MLServer), which speaks protocol v2
+    pred = serving_objects.inference_service(replace(plan, runtime=""))["spec"]["predictor"]
+    assert pred["model"]["protocolVersion"] == "v2" and "runtime" not in pred["model"]
+    for bad in ("mlflow-artifacts:/1/m", "file:///srv/mlflow/1", "models:/iris/3"):
+        with pytest.raises(InvalidRequest, match="storage initializer"):
+            serving_objects.inference_service(replace(plan, storage_uri=bad))
 
 
 def test_scoring_trio_shape(policy):
@@ -207,6 +220,7 @@ def test_scoring_trio_shape(policy):
 
 @pytest.mark.parametrize("kw, kserve, err, fragment", [
     ({"canary_percent": 10}, False, InvalidRequest, "needs KServe"),
+    ({"canary_percent": 10, "name": "new-one"}, True, InvalidRequest, "you have no deployment 'new-one'"),
     ({"name": "x" * 50}, True, InvalidRequest, "at most 45"),
     ({"name": "Bad"}, True, InvalidRequest, "not a valid name"),
     ({"min_replicas": 3, "max_replicas": 2}, True, InvalidRequest, "--max-replicas"),
@@ -222,8 +236,6 @@ def test_serving_bad_input(policy, kw, kserve, err, fragment):
 
 def test_serving_plan_rejects_bad_storage_uri(policy):
     plan = _serving(policy)
-    from dataclasses import replace
-
     with pytest.raises(InvalidRequest, match="storageUri"):
         replace(plan, storage_uri="models:/iris/3; rm").validate()
 

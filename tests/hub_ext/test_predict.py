@@ -82,9 +82,12 @@ def test_bad_url_template_stops_the_service_at_startup(tmp_path):
     assert "uses {deployment}; the placeholders are {name}, {namespace}, {user}, {flavour}" in done.stderr
 
 
-def _isvc(name: str = "iris", status: dict[str, Any] | None = None) -> dict[str, Any]:
+def _isvc(name: str = "iris", status: dict[str, Any] | None = None, *, v2: bool = False,
+          predictor_name: str = "") -> dict[str, Any]:
+    model = {"modelFormat": {"name": "mlflow"}, **({"protocolVersion": "v2"} if v2 else {"runtime": "hubml-mlflow"})}
+    predictor = {"model": model, **({"name": predictor_name} if predictor_name else {})}
     return {"kind": "InferenceService", "metadata": {"name": name, "namespace": "ml", "labels": {
-        ownership.LABEL_USER: "alice"}}, "status": status or {}}
+        ownership.LABEL_USER: "alice"}}, "spec": {"predictor": predictor}, "status": status or {}}
 
 
 def _dep(name: str = "iris") -> dict[str, Any]:
@@ -94,7 +97,11 @@ def _dep(name: str = "iris") -> dict[str, Any]:
 
 def test_default_urls_are_in_cluster_dns_per_flavour():
     assert Endpoints().url_for(_dep()) == "http://iris.ml.svc.cluster.local/invocations"
-    assert Endpoints().url_for(_isvc()) == "http://iris-predictor.ml.svc.cluster.local/v2/models/iris/infer"
+    # hubml's runtime runs MLflow's scoring server; KServe's own (MLServer) speaks the Open Inference Protocol
+    assert Endpoints().url_for(_isvc()) == "http://iris-predictor.ml.svc.cluster.local/invocations"
+    assert Endpoints().url_for(_isvc(v2=True)) == "http://iris-predictor.ml.svc.cluster.local/v2/models/iris/infer"
+    # Standard mode after a promotion: the stable predictor carries the canary's name, so does its Service
+    assert Endpoints().url_for(_isvc(predictor_name="v2")) == "http://iris-v2-predictor.ml.svc.cluster.local/invocations"
     assert serving_objects.deployment_url("iris", "ml", kserve=False) == "http://iris.ml.svc.cluster.local/invocations"
     assert set(DEFAULT_TEMPLATES) == {"deployment", "kserve"}
 
@@ -102,17 +109,18 @@ def test_default_urls_are_in_cluster_dns_per_flavour():
 def test_template_placeholders_and_kserve_reported_urls():
     gw = Endpoints("https://gw.example.org/{flavour}/{user}/{namespace}/{name}/").validate()
     assert gw.url_for(_dep()) == "https://gw.example.org/deployment/alice/ml/iris/invocations"
-    assert gw.url_for(_isvc()) == "https://gw.example.org/kserve/alice/ml/iris/v2/models/iris/infer"
+    assert gw.url_for(_isvc(v2=True)) == "https://gw.example.org/kserve/alice/ml/iris/v2/models/iris/infer"
+    assert gw.url_for(_isvc(predictor_name="v2")) == "https://gw.example.org/kserve/alice/ml/iris/invocations"
     # what KServe's controller reports (raw deployment mode): the ingress URL and the cluster-local address
     reported = {"url": "http://iris-ml.example.com",
                 "address": {"url": "http://iris-predictor.ml.svc.cluster.local"}}
-    assert gw.url_for(_isvc(status=reported)) == "http://iris-predictor.ml.svc.cluster.local/v2/models/iris/infer"
-    assert Endpoints(kserve_url_field="url").url_for(_isvc(status=reported)) == \
+    assert gw.url_for(_isvc(status=reported)) == "http://iris-predictor.ml.svc.cluster.local/invocations"
+    assert Endpoints(kserve_url_field="url").url_for(_isvc(status=reported, v2=True)) == \
         "http://iris-ml.example.com/v2/models/iris/infer"
     assert Endpoints(gw.template, "none").url_for(_isvc(status=reported)).startswith("https://gw.example.org/")
     # only address set yet, or a malformed report: the next best
     assert Endpoints(kserve_url_field="url").url_for(_isvc(status={"address": {"url": "http://a.b"}})) == \
-        "http://iris-predictor.ml.svc.cluster.local/v2/models/iris/infer"
+        "http://iris-predictor.ml.svc.cluster.local/invocations"
     assert gw.url_for(_isvc(status={"address": {"url": "javascript:alert(1)"}})).startswith("https://gw.")
     with pytest.raises(ValueError, match="kserve_url_field"):
         Endpoints(kserve_url_field="ingress").validate()
@@ -370,7 +378,7 @@ async def test_kserve_reported_url_is_what_deployments_and_predict_use(stack, ke
     alice = await asyncio.to_thread(kernel_factory, extra_env=_kernel_env(svc, "alice"))
     res = await asyncio.to_thread(alice.run_ok, "%deploy hub-iris-kserve --name iris-isvc")
     # KServe has not reported anything yet: the administrator's template
-    assert f"http://127.0.0.1:{stack.port}/v2/models/iris-isvc/infer" in res.stdout, res.stdout
+    assert f"http://127.0.0.1:{stack.port}/invocations" in res.stdout, res.stdout
     assert await svc.kube.get(k.INFERENCE_SERVICE, svc.namespace, "iris-isvc")
 
     # KServe's controller reconciles it: status.url (ingress domain) and status.address.url (cluster-local);
@@ -387,10 +395,10 @@ async def test_kserve_reported_url_is_what_deployments_and_predict_use(stack, ke
 
     res = await asyncio.to_thread(alice.run_ok, "%deployments")
     line = next(row for row in res.stdout.splitlines() if row.startswith("iris-isvc"))
-    assert f"{reported}/v2/models/iris-isvc/infer" in line and "ready" in line, res.stdout
+    assert f"{reported}/invocations" in line and "ready" in line and "100% v1" in line, res.stdout
     res = await asyncio.to_thread(alice.run, f"%predict iris-isvc [{SETOSA}]")
     assert res.ename == "BackendError", res
-    assert f"did not answer at {reported}/v2/models/iris-isvc/infer" in res.traceback[0], res
+    assert f"did not answer at {reported}/invocations" in res.traceback[0], res
     # bad data is refused before anything is sent, whatever the protocol
     res = await asyncio.to_thread(alice.run, "%predict iris-isvc [[1.0, 2.0], [3.0]]")
     assert res.ename == "UsageError" and "different lengths" in res.evalue, res

@@ -43,7 +43,14 @@ CORPUS = [
     # %models
     ("%models --backend cloud", "--backend must be one of auto, local, hub; got 'cloud'"),
     # %deploy
-    ("%deploy", "the following arguments are required"),
+    ("%deploy", "%deploy needs the model to serve"),
+    ("%deploy --promote", "argument --promote: expected one argument"),
+    ("%deploy --promote iris-clf --rollback iris-clf", "Give --promote or --rollback, not both"),
+    ("%deploy iris-clf --promote iris-clf", "takes only --backend; remove a model"),
+    ("%deploy --rollback iris-clf --canary 20 --max-replicas 3", "remove --canary, --max-replicas"),
+    ("%deploy --promote Bad_Name", "Deployment name 'Bad_Name' is not a valid name"),
+    ("%deploy --promote nosuch", "No deployment named 'nosuch'"),
+    ("%deploy --rollback iris-clf", "No deployment named 'iris-clf'"),
     ("%deploy nosuch", "No registered model named 'nosuch'"),
     ("%deploy iris-clf@challenger", "Model 'iris-clf' has no alias 'challenger' (its aliases: @champion)"),
     ("%deploy iris-clf/7", "Model 'iris-clf' has no version 7 (versions: 1)"),

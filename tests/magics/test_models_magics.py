@@ -66,7 +66,7 @@ def test_register_deploy_predict_survive_restart_dead_and_undeploy(hubml_kernel:
     k.restart()
     assert k.pid != old_kernel
     res = k.run_ok("%deployments")
-    assert re.search(r"^iris-clf\s+iris-clf@champion\s+1\s+ready\s+" + re.escape(url), res.stdout, re.M), res
+    assert re.search(r"^iris-clf\s+iris-clf@champion\s+1\s+ready\s+100% v1\s+" + re.escape(url), res.stdout, re.M), res
     assert k.run_ok(f"%predict iris-clf [{SETOSA}]").result == "[0]"
 
     # Kill the server behind the kernel's back: reported as dead, with a next step.

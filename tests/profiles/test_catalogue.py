@@ -178,6 +178,10 @@ BAD_CONFIGS = {
     "toleration-bad-operator": (_with(1, tolerations=[{"key": "x", "operator": "Equals"}]), "field 'tolerations[0].operator': 'Equals' must be 'Equal' or 'Exists'"),
     "toleration-bad-effect": (_with(1, tolerations=[{"key": "x", "operator": "Exists", "effect": "NoScheduling"}]), "field 'tolerations[0].effect': 'NoScheduling' must be one of"),
     "override-misspelled": (_with(1, kubespawner_override={"mem_limt": "1G"}), "field 'kubespawner_override.mem_limt': no such KubeSpawner setting (did you mean 'mem_limit'?)"),
+    "queue-not-a-name": (_with(1, queue="Team A"), "field 'queue': 'Team A' must name a Kueue LocalQueue"),
+    "queue-not-a-string": (_with(1, queue=["a"]), "field 'queue': ['a'] must name a Kueue LocalQueue"),
+    "queue-too-long": (_with(1, queue="q" * 64), "field 'queue':"),
+    "queue-misspelt": (_with(1, queu="team-a"), "field 'queu': unknown key (did you mean 'queue'?)"),
 }
 
 

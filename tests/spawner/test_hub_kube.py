@@ -243,3 +243,36 @@ def test_stock_profile_list_keeps_working_with_validation_and_extension(kube_clu
     finally:
         hub.stop_server("alice")
         fut.result(timeout=120)
+
+
+def test_spawn_progress_says_which_kueue_queue_holds_the_server(kube_cluster, kube_namespace, jupyterhub_factory):
+    """kubespawner #922: a pod Kueue gates gets no scheduler events, so the spawn page said nothing. With a
+    ``queue`` profile the pod carries kueue.x-k8s.io/queue-name, Kueue's admission (hubml_testing.kueue) gates
+    it, and the progress stream names the queue."""
+    import json as _json
+    import urllib.request
+
+    from hubml_testing.kueue import GATE, QUEUE_LABEL, kueue_admission
+
+    queued = {"name": "cpu-queued", "display": "CPU (team queue)", "cpu": 1, "memory": "1G", "queue": "team-a"}
+    with kueue_admission(kube_cluster.rest, kube_namespace):
+        hub = start_gpu_hub(jupyterhub_factory, kube_cluster, kube_namespace,
+                            **{"HubMLSpawner.gpu_profiles": [*PROFILES, queued], "HubMLSpawner.start_timeout": 30})
+        fut = post_in_background(hub, "/users/alice/server", {"profile": "cpu-queued"})
+        pod = wait(lambda: user_pods(kube_cluster, kube_namespace, "alice"), "alice's pod")[0]
+        assert pod["metadata"]["labels"][QUEUE_LABEL] == "team-a"
+        assert [g["name"] for g in pod["spec"]["schedulingGates"]] == [GATE]
+        req = urllib.request.Request(hub.api_url + "/users/alice/server/progress",
+                                     headers={"Authorization": f"token {hub.admin_token}"})
+        messages = []
+        with urllib.request.urlopen(req, timeout=60) as stream:
+            for raw in stream:
+                line = raw.decode().strip()
+                if line.startswith("data:"):
+                    messages.append(_json.loads(line[5:]).get("message", ""))
+                    if any("Kueue LocalQueue 'team-a'" in m for m in messages):
+                        break
+        assert any(m.startswith("Pending: your server queued in Kueue LocalQueue 'team-a'") for m in messages), messages
+        # never admitted: the spawn times out and KubeSpawner removes the pod
+        fut.result(timeout=120)
+        wait(lambda: not user_pods(kube_cluster, kube_namespace, "alice"), "the queued pod to be removed", timeout=90)
