@@ -35,7 +35,7 @@ _CHILDREN: dict[int, subprocess.Popen] = {}
 @dataclass(frozen=True)
 class ServerProcess:
     pid: int
-    create_time: float
+    create_time: float  # seconds since boot (started_at), not an epoch time
     port: int
     log_path: str
 
@@ -103,7 +103,7 @@ def start(model_uri: str, port: int, log_path: Path, env: dict[str, str]) -> Ser
         )
     try:
         _CHILDREN[proc.pid] = proc
-        created = psutil.Process(proc.pid).create_time()
+        created = started_at(psutil.Process(proc.pid))
     except BaseException:
         # Interrupted (or the process vanished) before the caller could record it:
         # nobody else knows this pid, so end its whole session here.
@@ -114,6 +114,17 @@ def start(model_uri: str, port: int, log_path: Path, env: dict[str, str]) -> Ser
     return ServerProcess(pid=proc.pid, create_time=created, port=port, log_path=str(log_path))
 
 
+def started_at(proc: psutil.Process) -> float:
+    """When ``proc`` started, in seconds since boot: with ``pid``, what identifies the process.
+
+    Not ``create_time()``'s epoch value: psutil adds the kernel's ``btime``,
+    which moves whenever the wall clock is adjusted, so the same process
+    could read a second apart and look like another (it did, once in a long
+    CI run: the server was taken for dead, and so never stopped).
+    """
+    return proc.create_time() - psutil.boot_time()  # both carry the same btime: it cancels out
+
+
 def alive(server: ServerProcess) -> bool:
     """True while the recorded process (same pid, same start time) still runs."""
     child = _CHILDREN.get(server.pid)
@@ -121,7 +132,7 @@ def alive(server: ServerProcess) -> bool:
         return False
     try:
         proc = psutil.Process(server.pid)
-        return abs(proc.create_time() - server.create_time) < 0.01 and proc.status() != psutil.STATUS_ZOMBIE
+        return abs(started_at(proc) - server.create_time) < 0.01 and proc.status() != psutil.STATUS_ZOMBIE
     except psutil.Error:
         return False
 

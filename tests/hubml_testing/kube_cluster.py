@@ -282,11 +282,35 @@ class KubeCluster:
     def kserve_release(self, release: str = "previous") -> Iterator[None]:
         """Serve the KServe CRDs of another pinned release ("previous": no Standard-mode
         ``spec.canary``) for the block, then the current ones again; objects are kept."""
+        before = self._published_isvc_schema()
         self.install_crds(KSERVE_CRDS, kserve_release=release)
+        swapped = self._wait_published_isvc_schema_changes(before)
         try:
             yield
         finally:
             self.install_crds(KSERVE_CRDS)
+            self._wait_published_isvc_schema_changes(swapped)
+
+    def _published_isvc_schema(self) -> str:
+        """The URL (with content hash) of serving.kserve.io/v1beta1's published OpenAPI v3 document."""
+        status, root = self.rest.request("GET", "/openapi/v3")
+        if status != 200:
+            raise KubeHarnessError(f"GET /openapi/v3 answered {status}: {root}")
+        return str(((root.get("paths") or {}).get("apis/serving.kserve.io/v1beta1") or {}).get(
+            "serverRelativeURL") or "")
+
+    def _wait_published_isvc_schema_changes(self, before: str, timeout: float = 60.0) -> str:
+        # Established is not published: the API server's OpenAPI controller republishes a changed CRD's
+        # schema a little later, and what clients discover (hub_ext's canary detection) is that document.
+        deadline = time.monotonic() + timeout
+        while True:
+            now = self._published_isvc_schema()
+            if now and now != before:
+                return now
+            if time.monotonic() > deadline:
+                raise KubeHarnessError(f"the API server did not republish serving.kserve.io/v1beta1's OpenAPI "
+                                       f"document within {timeout:.0f} s of the KServe CRD swap (still {now!r})")
+            time.sleep(0.1)
 
 
 def default_state_dir() -> Path:
