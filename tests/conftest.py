@@ -17,6 +17,7 @@ import pytest
 
 pytest_plugins = [
     "hubml_testing.kube",
+    "hubml_testing.real_node",
     "hubml_testing.jupyterhub",
     "hubml_testing.prometheus",
     "hubml_testing.kernel",

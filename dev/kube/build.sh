@@ -112,8 +112,8 @@ want() {  # want NAME: true when NAME is selected on the command line (or none g
 selected=("$@")
 for s in "${selected[@]}"; do
     case $s in
-        etcd|kwok|kube-apiserver|kube-controller-manager|kube-scheduler|kubectl|helm) ;;
-        *) fail "unknown binary '$s'; choose from etcd kwok kube-apiserver kube-controller-manager kube-scheduler kubectl helm" ;;
+        etcd|kwok|kube-apiserver|kube-controller-manager|kube-scheduler|kubectl|kubelet|kube-proxy|coredns|helm) ;;
+        *) fail "unknown binary '$s'; choose from etcd kwok kube-apiserver kube-controller-manager kube-scheduler kubectl kubelet kube-proxy coredns helm" ;;
     esac
 done
 
@@ -129,7 +129,7 @@ fi
 # --- Kubernetes ------------------------------------------------------------
 k8s_stamp="k8s.io/kubernetes@$KUBE_VERSION $go_version"
 k8s_wanted=0
-for n in kube-apiserver kube-controller-manager kube-scheduler kubectl; do
+for n in kube-apiserver kube-controller-manager kube-scheduler kubectl kubelet kube-proxy; do
     if want $n; then
         if up_to_date $n "$k8s_stamp"; then
             echo "reuse  $n ($k8s_stamp)"
@@ -151,7 +151,7 @@ if [ $k8s_wanted = 1 ]; then
     write_module "$src/kubernetes" k8s.io/kubernetes "$KUBE_VERSION" "${replaces[@]}"
     minor=$(echo "$KUBE_VERSION" | cut -d. -f2)
     kld="-X k8s.io/component-base/version.gitVersion=$KUBE_VERSION -X k8s.io/component-base/version.gitMajor=1 -X k8s.io/component-base/version.gitMinor=$minor -X k8s.io/component-base/version.gitTreeState=clean -X k8s.io/client-go/pkg/version.gitVersion=$KUBE_VERSION -X k8s.io/client-go/pkg/version.gitMajor=1 -X k8s.io/client-go/pkg/version.gitMinor=$minor"
-    for n in kube-apiserver kube-controller-manager kube-scheduler kubectl; do
+    for n in kube-apiserver kube-controller-manager kube-scheduler kubectl kubelet kube-proxy; do
         if want $n && ! up_to_date $n "$k8s_stamp"; then
             build_one $n "$src/kubernetes" "k8s.io/kubernetes/cmd/$n" "$k8s_stamp" "$kld"
         fi
@@ -163,6 +163,12 @@ if want kwok; then
     write_module "$src/kwok" sigs.k8s.io/kwok "$KWOK_VERSION"
     build_one kwok "$src/kwok" sigs.k8s.io/kwok/cmd/kwok "sigs.k8s.io/kwok@$KWOK_VERSION $go_version" \
         "-X sigs.k8s.io/kwok/pkg/consts.Version=${KWOK_VERSION#v}"
+fi
+
+# --- CoreDNS (cluster DNS for the real node's pods) -------------------------
+if want coredns; then
+    write_module "$src/coredns" github.com/coredns/coredns "$COREDNS_VERSION"
+    build_one coredns "$src/coredns" github.com/coredns/coredns "github.com/coredns/coredns@$COREDNS_VERSION $go_version"
 fi
 
 # --- helm ------------------------------------------------------------------

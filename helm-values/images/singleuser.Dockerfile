@@ -43,7 +43,10 @@ COPY helm-values/images/ipython/ipython_kernel_config.py /etc/ipython/ipython_ke
 COPY helm-values/images/ipython/ipython_kernel_config.py /etc/ipython/ipython_config.py
 
 # z2jh runs user pods as uid 1000, fsGroup 100, home on a PVC at /home/jovyan.
-RUN useradd --create-home --uid ${NB_UID} --gid users --shell /bin/bash ${NB_USER}
+# The root-run import check above already made $HOME (HOME is set for the user), owned by
+# root: hand it to the user, or pods without a home PVC (training workers) cannot write there.
+RUN useradd --create-home --uid ${NB_UID} --gid users --shell /bin/bash ${NB_USER} \
+ && chown -R ${NB_UID}:users /home/${NB_USER}
 WORKDIR /home/${NB_USER}
 USER ${NB_UID}
 EXPOSE 8888

@@ -84,8 +84,11 @@ def _stop(proc: subprocess.Popen) -> None:
         pass
 
 
-def start_mlflow_server(root: Path, retries: int = 3) -> tuple[MlflowServer, subprocess.Popen]:
-    """Start a server under ``root``; retried on a fresh port if another process won the port race."""
+def start_mlflow_server(root: Path, retries: int = 3, host: str = "127.0.0.1") -> tuple[MlflowServer, subprocess.Popen]:
+    """Start a server under ``root``; retried on a fresh port if another process won the port race.
+
+    ``host``: the address it listens on and its URL names (the real node's pods reach the
+    host at its bridge address, not at loopback)."""
     db = root / "mlflow.db"
     artifacts = root / "artifacts"
     artifacts.mkdir(parents=True, exist_ok=True)
@@ -94,15 +97,15 @@ def start_mlflow_server(root: Path, retries: int = 3) -> tuple[MlflowServer, sub
     env = {**os.environ, "PATH": bindir + os.pathsep + os.environ.get("PATH", "")}
     env.pop("MLFLOW_TRACKING_URI", None)
     for _ in range(retries):
-        port = free_port()
+        port = free_port(host)
         cmd = [sys.executable, "-m", "mlflow", "server",
                "--backend-store-uri", f"sqlite:///{db}",
                "--serve-artifacts", "--artifacts-destination", str(artifacts),
-               "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+               "--host", host, "--port", str(port), "--workers", "1"]
         with open(log_path, "ab") as log:
             proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                     env=env, cwd=str(root), start_new_session=True)
-        url = f"http://127.0.0.1:{port}"
+        url = f"http://{host}:{port}"
         if wait_http(f"{url}/health", timeout=START_TIMEOUT, alive=lambda: proc.poll() is None,
                      accept=lambda code: code == 200):
             return MlflowServer(url=url, backend_store_uri=f"sqlite:///{db}", artifacts_dir=artifacts,

@@ -13,15 +13,15 @@ import urllib.request
 from collections.abc import Callable
 
 
-def free_port() -> int:
-    """Return a TCP port on 127.0.0.1 that nothing listens on right now.
+def free_port(host: str = "127.0.0.1") -> int:
+    """Return a TCP port on ``host`` that nothing listens on right now.
 
     Binding port 0 lets the kernel choose; the tiny race before the caller binds
     it is acceptable on a test machine and far better than fixed ports, since
     several test sessions share the machine.
     """
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((host, 0))
         return s.getsockname()[1]
 
 
