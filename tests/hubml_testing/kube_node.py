@@ -284,6 +284,17 @@ class RealNode:
         # pinned: kubelet's image GC never removes it; the label records which archive it came from
         self.ctr("images", "label", image.name, "io.cri-containerd.pinned=pinned", key_label)
         self.images.append(image.name)
+        self.prune_unnamed()
+
+    def prune_unnamed(self) -> None:
+        """Drop the `sha256:<id>` references CRI keeps for images no name points at any more (an
+        earlier build of a re-imported image), so the cached content store does not grow by GiBs
+        with every rebuild; containerd's garbage collector then frees their content."""
+        rows = [line.split() for line in self.ctr("images", "ls").stdout.splitlines()[1:] if line.strip()]
+        named = {row[2] for row in rows if not row[0].startswith("sha256:")}
+        for row in rows:
+            if row[0].startswith("sha256:") and row[2] not in named:
+                self.ctr("images", "rm", row[0], check=False)
 
 
 def start_real_node(cluster: KubeCluster, state_dir: Path | None = None, timeout: float = 120.0,
