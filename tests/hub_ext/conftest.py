@@ -16,6 +16,7 @@ import subprocess
 import sys
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -123,8 +124,14 @@ async def _apply(kube, obj: dict) -> None:
         pass
 
 
+#: How the service process starts: (its arguments after the interpreter, its JUPYTERHUB_* environment,
+#: the folder holding its config and kubeconfig) -> the command line. None: this venv's Python.
+Launcher = Callable[[list[str], dict[str, str], Path], list[str]]
+
+
 def start_service(tmp: Path, hub_port_token: tuple[int, str], hub: RunningHub, namespace: str, kubeconfig: Path,
-                  mlflow_uri: str, extra_config: str = "") -> tuple[subprocess.Popen, Path]:
+                  mlflow_uri: str, extra_config: str = "", launcher: Launcher | None = None,
+                  host: str = "127.0.0.1") -> tuple[subprocess.Popen, Path]:
     port, token = hub_port_token
     cfg = tmp / "hubml_service_config.py"
     cfg.write_text("\n".join([
@@ -143,18 +150,19 @@ def start_service(tmp: Path, hub_port_token: tuple[int, str], hub: RunningHub, n
         extra_config,
     ]) + "\n")
     log_path = tmp / "hubml-service.log"
-    env = dict(os.environ)
-    env.update({
+    service_env = {
         "JUPYTERHUB_API_TOKEN": token,
         "JUPYTERHUB_API_URL": hub.hub_url + "api",
         "JUPYTERHUB_SERVICE_NAME": "hubml",
         "JUPYTERHUB_SERVICE_PREFIX": "/services/hubml/",
-        "JUPYTERHUB_SERVICE_URL": f"http://127.0.0.1:{port}",
-    })
-    env.pop("MLFLOW_TRACKING_URI", None)
+        "JUPYTERHUB_SERVICE_URL": f"http://{host}:{port}",
+    }
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    env.update(service_env)
+    args = ["-m", "hubml.hub_ext", f"--config={cfg}"]
+    argv = [sys.executable, *args] if launcher is None else launcher(args, service_env, tmp)
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "hubml.hub_ext", f"--config={cfg}"], cwd=tmp, env=env,
-                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(argv, cwd=tmp, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     return proc, log_path
 
 
@@ -169,12 +177,18 @@ def stop_process(proc: subprocess.Popen) -> None:
 
 
 async def start_stack(cluster, mlflow_url: str, tmp: Path, *, users: list[str] = ("alice", "bob", "carol"),
-                      extra_config: str = "") -> HubService:
+                      extra_config: str = "", launcher: Launcher | None = None, hub_config: dict[str, Any] | None = None,
+                      service_host: str = "127.0.0.1", service_port: int | None = None,
+                      hub_env: dict[str, str] | None = None) -> HubService:
     """Start JupyterHub + the hub service against ``cluster`` and an MLflow server (also used by bench/).
 
     Creates a fresh namespace, the service's ServiceAccount and exactly the RBAC of
     ``rbac.service_rbac``, and a kubeconfig for that ServiceAccount. Call
-    ``stop_stack`` to undo everything.
+    ``stop_stack`` to undo everything. ``hub_config`` adds hub settings (its
+    ``load_roles`` extend the stack's), ``hub_env`` the hub's environment (a
+    spawner's KUBECONFIG); ``service_host``/``service_port`` say where the service
+    listens (the real-node tests use the node's address, which notebook pods
+    reach); ``launcher`` how its process starts (default: this venv's Python).
     """
     from hubml.hub_ext import kube as k
     from hubml.hub_ext.rbac import service_rbac
@@ -189,17 +203,20 @@ async def start_stack(cluster, mlflow_url: str, tmp: Path, *, users: list[str] =
     for obj in service_rbac(namespace):
         await _apply(kube, obj)
     kubeconfig = await service_account_kubeconfig(cluster, api, namespace, "hubml", tmp / "kubeconfig")
-    svc_port, svc_token = free_port(), secrets.token_hex(16)
+    svc_port, svc_token = service_port or free_port(service_host), secrets.token_hex(16)
+    hub_config = dict(hub_config or {})
     hub = start_hub(tmp, config={
         **HUB_CONFIG_EXTRA,
-        "JupyterHub.services": [{"name": "hubml", "url": f"http://127.0.0.1:{svc_port}", "api_token": svc_token}],
+        **hub_config,
+        "JupyterHub.services": [{"name": "hubml", "url": f"http://{service_host}:{svc_port}", "api_token": svc_token}],
         "JupyterHub.load_roles": [
             {"name": "user", "scopes": ["self", *SCOPES]},
             {"name": "hubml-service", "services": ["hubml"], "scopes": ["read:users:groups", "read:users:name"]},
+            *hub_config.get("JupyterHub.load_roles", []),
         ],
-    }, users=list(users), groups={"ml-team": ["alice"]})
+    }, users=list(users), groups={"ml-team": ["alice"]}, env=hub_env)
     proc, log_path = start_service(tmp, (svc_port, svc_token), hub, namespace, kubeconfig, mlflow_url,
-                                   extra_config=extra_config)
+                                   extra_config=extra_config, launcher=launcher, host=service_host)
     svc = HubService(hub=hub, url=hub.url + "services/hubml/", namespace=namespace, kube=kube, api=api, proc=proc,
                      log_path=log_path)
     if not wait_http(svc.url + "api/v1/openapi.json", timeout=60, alive=lambda: proc.poll() is None,

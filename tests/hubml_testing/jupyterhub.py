@@ -309,7 +309,7 @@ def _config_text(
         "# written by hubml_testing.jupyterhub",
         "c = get_config()  # noqa",
         f"c.JupyterHub.bind_url = 'http://127.0.0.1:{public_port}'",
-        "c.JupyterHub.hub_ip = '127.0.0.1'",
+        f"c.JupyterHub.hub_ip = {config.get('JupyterHub.hub_ip', '127.0.0.1')!r}",
         f"c.JupyterHub.hub_port = {hub_port}",
         f"c.JupyterHub.db_url = {('sqlite:///' + str(workdir / 'jupyterhub.sqlite'))!r}",
         f"c.JupyterHub.cookie_secret_file = {str(workdir / 'cookie_secret')!r}",
@@ -331,6 +331,8 @@ def _config_text(
         if key == "JupyterHub.load_roles":
             roles.extend(value)
             continue
+        if key == "JupyterHub.hub_ip":
+            continue  # written above
         if key.count(".") != 1:
             raise ValueError(f"config key {key!r} must look like 'Class.trait'")
         lines.append(f"c.{key} = {value!r}")
@@ -368,7 +370,8 @@ def start_hub(
         )
     workdir = Path(tempfile.mkdtemp(prefix="hub-", dir=tmp_root))
     public_port = public_port or free_port()
-    proxy_api_port, hub_port = free_port(), free_port()
+    hub_ip = (config or {}).get("JupyterHub.hub_ip", "127.0.0.1")  # the real-node tests: the node's address
+    proxy_api_port, hub_port = free_port(), free_port(hub_ip)
     admin_token = admin_token or secrets.token_hex(16)
     text = _config_text(
         workdir=workdir,
@@ -400,7 +403,7 @@ def start_hub(
     hub = RunningHub(
         url=base,
         api_url=base + "hub/api",
-        hub_url=f"http://127.0.0.1:{hub_port}/hub/",
+        hub_url=f"http://{hub_ip}:{hub_port}/hub/",
         admin_token=admin_token,
         workdir=workdir,
         proc=proc,

@@ -286,6 +286,25 @@ class RealNode:
         self.images.append(image.name)
         self.prune_unnamed()
 
+    def host_container_argv(self, image: str, name: str, argv: list[str], env: dict[str, str],
+                            read_only: list[Path]) -> list[str]:
+        """The command line of ``ctr run`` for a container of ``image`` in the host's network
+        namespace (outside Kubernetes: a process started from an image's filesystem, as a hub
+        runs a managed service), the image's user, ``read_only`` folders bind-mounted at their
+        own paths. ``ctr`` stays in the foreground and forwards signals; ``--rm`` removes the
+        container when it ends (``remove_container`` covers a ``ctr`` that was killed)."""
+        cmd = ["ctr", "--address", str(self.containerd_socket), "-n", "k8s.io", "run", "--rm", "--net-host"]
+        for key, value in sorted(env.items()):
+            cmd += ["--env", f"{key}={value}"]
+        for folder in read_only:
+            cmd += ["--mount", f"type=bind,src={folder},dst={folder},options=rbind:ro"]
+        return [*cmd, image, name, *argv]
+
+    def remove_container(self, name: str) -> None:
+        self.ctr("tasks", "kill", "-s", "SIGKILL", name, check=False)
+        self.ctr("tasks", "delete", "-f", name, check=False)
+        self.ctr("containers", "delete", name, check=False)
+
     def prune_unnamed(self) -> None:
         """Drop the `sha256:<id>` references CRI keeps for images no name points at any more (an
         earlier build of a re-imported image), so the cached content store does not grow by GiBs

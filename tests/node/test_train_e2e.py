@@ -1,77 +1,36 @@
 """`%%train` on the hub backend, for real: the hub service creates the Indexed Job, two pods of
 the single-user image start on the real node, rendezvous through the headless Service, train
 with DDP (gloo) and rank 0 logs to an MLflow server the pods reach at the node's address; the
-cell streams both ranks' lines and ends `succeeded` (issue 11). No pod outcome is set by hand."""
+cell streams both ranks' lines and ends `succeeded` (issue 11). No pod outcome is set by hand.
+The hub service runs from the hub image."""
 
 from __future__ import annotations
 
 import asyncio
-import tempfile
-from pathlib import Path
 from typing import Any
 
 import pytest
 from hubml.hub_ext import kube as k
 from hubml.hub_ext import ownership
-from hubml_testing.images import IMAGES, image_archives
 from hubml_testing.kube import wait_for
-from hubml_testing.kube_node import GATEWAY_IP, REAL_NODE_TOLERATION
-from hubml_testing.mlflow_server import _stop, start_mlflow_server
-from hubml_testing.node_images import NodeImage
+from hubml_testing.real_pods import REAL_PROFILE, hub_stack
 from hubml_testing.train_cells import DDP_CELL, FAILING_CELL, SLEEPY_CELL
 
-
-
-def _hub_stack() -> Any:
-    """tests/hub_ext/conftest.py's stack helpers (start_stack & co.), loaded as bench/ does."""
-    import importlib.util
-    import sys
-
-    spec = importlib.util.spec_from_file_location("hub_ext_stack", Path(__file__).parents[1] / "hub_ext" / "conftest.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault(spec.name, module)
-    spec.loader.exec_module(module)
-    return module
-
-
-_stack = _hub_stack()
+_stack = hub_stack()
 PROFILES, running_stack = _stack.PROFILES, _stack.running_stack
 
-# the first run imports the 6.6 GB single-user image into the node's containerd (~2.5 min)
 pytestmark = [pytest.mark.kube, pytest.mark.hub, pytest.mark.node, pytest.mark.slow, pytest.mark.timeout(900)]
 
-SINGLEUSER = IMAGES["singleuser"]
-REAL_PROFILE = {"name": "cpu-real", "display": "CPU on the real node", "cpu": 0.5, "memory": "1500M",
-                "node_selector": {"hubml.io/node": "real"}, "tolerations": [REAL_NODE_TOLERATION]}
-
 
 @pytest.fixture(scope="module")
-def singleuser_on_node(real_node):
-    archive = image_archives(["singleuser"])[SINGLEUSER]
-    real_node.import_image(NodeImage(SINGLEUSER, archive))
-    return SINGLEUSER
-
-
-@pytest.fixture(scope="module")
-def pod_mlflow():
-    """An MLflow server on the node's address: what the pods' MLFLOW_TRACKING_URI names."""
-    root = Path(tempfile.mkdtemp(prefix="hubml-node-mlflow-"))
-    server, proc = start_mlflow_server(root, host=GATEWAY_IP)
-    try:
-        yield server
-    finally:
-        _stop(proc)
-
-
-@pytest.fixture(scope="module")
-async def real_stack(kube_cluster, singleuser_on_node, pod_mlflow, tmp_path_factory):
+async def real_stack(kube_cluster, singleuser_on_node, in_hub_image, pod_mlflow, tmp_path_factory):
     extra = "\n".join([
         f"c.HubMLService.profiles = {[*PROFILES, REAL_PROFILE]!r}",
         f"c.HubMLService.default_image = {singleuser_on_node!r}",
         "c.HubMLService.extra_pod_annotations = {}",
     ])
     async for svc in running_stack(kube_cluster, pod_mlflow, tmp_path_factory.mktemp("realstack"),
-                                   extra_config=extra):
+                                   extra_config=extra, launcher=in_hub_image):
         yield svc
 
 

@@ -1,0 +1,99 @@
+"""Driving a real single-user server the way a user's browser and JupyterLab do: log in
+through the proxy keeping cookies, start a kernel over the server's REST API, run code
+over the kernel's websocket (the Jupyter messaging protocol). Used by the real-node tests."""
+
+from __future__ import annotations
+
+import asyncio
+import http.cookiejar
+import json
+import re
+import time
+import urllib.parse
+import urllib.request
+import uuid
+from typing import NamedTuple
+
+from tornado.httpclient import HTTPRequest
+from tornado.websocket import websocket_connect
+
+
+class Browser:
+    """A cookie-keeping client that follows redirects, as a user's browser does."""
+
+    def __init__(self, base: str) -> None:
+        self.base = base
+        self.opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(http.cookiejar.CookieJar()))
+
+    def get(self, path: str) -> tuple[int, str, str]:
+        with self.opener.open(self.base + path, timeout=60) as r:
+            return r.status, r.geturl(), r.read().decode()
+
+    def post_form(self, path: str, fields: dict[str, str]) -> tuple[int, str, str]:
+        data = urllib.parse.urlencode(fields).encode()
+        with self.opener.open(self.base + path, data=data, timeout=120) as r:
+            return r.status, r.geturl(), r.read().decode()
+
+    def login(self, user: str) -> None:
+        _, _, html = self.get("hub/login")
+        self.post_form("hub/login", {"username": user, "password": "any", "_xsrf": xsrf(html)})
+
+
+def xsrf(html: str) -> str:
+    """The page's XSRF token: a hidden ``_xsrf`` field, or the ``_xsrf`` query of a form's action."""
+    found = re.search(r'name="_xsrf" value="([^"]+)"', html) or re.search(r'[?&;]_xsrf=([^"&]+)', html)
+    if not found:
+        raise AssertionError(f"no _xsrf field or query in the page:\n{html[-3000:]}")
+    return urllib.parse.unquote(found.group(1).replace("&amp;", ""))
+
+
+class PodKernel(NamedTuple):
+    ws_url: str
+    token: str  # sent in the Authorization header: JupyterHub refuses tokens in URLs
+
+
+def start_kernel(hub_url: str, user: str, token: str) -> PodKernel:
+    """Start a python3 kernel in ``user``'s server through the proxy."""
+    api = f"{hub_url}user/{user}/api/kernels"
+    req = urllib.request.Request(api, data=b'{"name": "python3"}', method="POST",
+                                 headers={"Authorization": f"token {token}", "Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=120) as r:
+        kernel = json.loads(r.read())
+    return PodKernel(f"{api.replace('http://', 'ws://')}/{kernel['id']}/channels", token)
+
+
+async def execute(kernel: PodKernel, code: str, timeout: float = 120) -> tuple[str, str]:
+    """Run ``code`` in the kernel; (its stream output and tracebacks, the reply's status)."""
+    ws = await websocket_connect(HTTPRequest(kernel.ws_url, headers={"Authorization": f"token {kernel.token}"}))
+    msg_id = uuid.uuid4().hex
+    ws.write_message(json.dumps({
+        "header": {"msg_id": msg_id, "username": "test", "session": uuid.uuid4().hex, "msg_type": "execute_request",
+                   "version": "5.3", "date": ""},
+        "parent_header": {}, "metadata": {}, "channel": "shell", "buffers": [],
+        "content": {"code": code, "silent": False, "store_history": False, "user_expressions": {},
+                    "allow_stdin": False, "stop_on_error": True},
+    }))
+    out: list[str] = []
+    status, deadline = "", time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            raw = await asyncio.wait_for(ws.read_message(), deadline - time.monotonic())
+            if raw is None:
+                raise AssertionError(f"the kernel's websocket closed; output so far: {''.join(out)!r}")
+            msg = json.loads(raw)
+            if msg.get("parent_header", {}).get("msg_id") != msg_id:
+                continue
+            kind = msg["msg_type"]
+            if kind == "stream":
+                out.append(msg["content"]["text"])
+            elif kind == "error":
+                out.append("\n".join(msg["content"]["traceback"]))
+            elif kind in ("execute_result", "display_data"):
+                out.append(msg["content"]["data"].get("text/plain", "") + "\n")
+            elif kind == "execute_reply":
+                status = msg["content"]["status"]
+            elif kind == "status" and msg["content"]["execution_state"] == "idle" and status:
+                return "".join(out), status
+        raise AssertionError(f"no reply from the kernel in {timeout}s; output so far: {''.join(out)!r}")
+    finally:
+        ws.close()
