@@ -61,6 +61,7 @@ for step in range(STEPS):
 if rank == 0:
     mlflow.pytorch.log_model(model.module, name="model", serialization_format="pickle", pip_requirements=["torch"])
     mlflow.end_run()
+dist.barrier()  # rank 1 must not tear gloo down while rank 0 still uploads the model (it aborts)
 dist.destroy_process_group()
 '''
 
