@@ -13,7 +13,6 @@ otherwise one is started and stopped.
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import os
 import shutil
 import sys
@@ -28,17 +27,9 @@ from hubml_testing.kube_cluster import KubeCluster  # noqa: E402
 from hubml_testing.kube_control_plane import start_cluster  # noqa: E402
 from hubml_testing.mlflow_server import _stop as stop_mlflow  # noqa: E402
 from hubml_testing.mlflow_server import start_mlflow_server  # noqa: E402
+from hubml_testing.real_pods import hub_stack  # noqa: E402
 
-
-def _load_stack():
-    spec = importlib.util.spec_from_file_location("hub_ext_stack", REPO / "tests" / "hub_ext" / "conftest.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
-    spec.loader.exec_module(module)
-    return module
-
-
-stack = _load_stack()
+stack = hub_stack()
 
 
 @contextlib.asynccontextmanager
