@@ -42,8 +42,10 @@ use it; the async tests' event loop is simply blocked during start-up.
 
 from __future__ import annotations
 
+import http.cookiejar
 import json
 import os
+import re
 import secrets
 import signal
 import subprocess
@@ -51,6 +53,7 @@ import sys
 import tempfile
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -254,21 +257,40 @@ def json_call(url: str, token: str, method: str = "GET", body: Any = None,
         return status, raw.decode("utf8", "replace")
 
 
+class Browser:
+    """A cookie-keeping client that follows redirects, as a user's browser does."""
+
+    def __init__(self, base: str) -> None:
+        self.base = base
+        self.opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(http.cookiejar.CookieJar()))
+
+    def get(self, path: str) -> tuple[int, str, str]:
+        with self.opener.open(self.base + path, timeout=60) as r:
+            return r.status, r.geturl(), r.read().decode()
+
+    def post_form(self, path: str, fields: dict[str, str]) -> tuple[int, str, str]:
+        data = urllib.parse.urlencode(fields).encode()
+        with self.opener.open(self.base + path, data=data, timeout=120) as r:
+            return r.status, r.geturl(), r.read().decode()
+
+    def login(self, user: str) -> None:
+        _, _, html = self.get("hub/login")
+        self.post_form("hub/login", {"username": user, "password": "any", "_xsrf": xsrf(html)})
+
+
+def xsrf(html: str) -> str:
+    """The page's XSRF token: a hidden ``_xsrf`` field, or the ``_xsrf`` query of a form's action."""
+    found = re.search(r'name="_xsrf" value="([^"]+)"', html) or re.search(r'[?&;]_xsrf=([^"&]+)', html)
+    if not found:
+        raise AssertionError(f"no _xsrf field or query in the page:\n{html[-3000:]}")
+    return urllib.parse.unquote(found.group(1).replace("&amp;", ""))
+
+
 def spawn_page(hub_url: str, user: str) -> str:
     """The HTML of /hub/spawn as ``user`` sees it, after a real login (dummy authenticator)."""
-    import http.cookiejar
-    import re
-    import urllib.parse
-
-    jar = http.cookiejar.CookieJar()
-    opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(jar))
-    with opener.open(hub_url + "hub/login", timeout=60) as r:
-        xsrf = re.search(r'name="_xsrf" value="([^"]+)"', r.read().decode()).group(1)
-    data = urllib.parse.urlencode({"username": user, "password": "any", "_xsrf": xsrf}).encode()
-    with opener.open(hub_url + "hub/login", data=data, timeout=60):
-        pass
-    with opener.open(hub_url + "hub/spawn", timeout=60) as r:
-        return r.read().decode()
+    browser = Browser(hub_url)
+    browser.login(user)
+    return browser.get("hub/spawn")[2]
 
 
 def _kill_pid(pid: int) -> None:
@@ -297,6 +319,7 @@ def _config_text(
     workdir: Path,
     public_port: int,
     proxy_api_port: int,
+    hub_ip: str,
     hub_port: int,
     admin_token: str,
     proxy_token: str,
@@ -309,7 +332,7 @@ def _config_text(
         "# written by hubml_testing.jupyterhub",
         "c = get_config()  # noqa",
         f"c.JupyterHub.bind_url = 'http://127.0.0.1:{public_port}'",
-        f"c.JupyterHub.hub_ip = {config.get('JupyterHub.hub_ip', '127.0.0.1')!r}",
+        f"c.JupyterHub.hub_ip = {hub_ip!r}",
         f"c.JupyterHub.hub_port = {hub_port}",
         f"c.JupyterHub.db_url = {('sqlite:///' + str(workdir / 'jupyterhub.sqlite'))!r}",
         f"c.JupyterHub.cookie_secret_file = {str(workdir / 'cookie_secret')!r}",
@@ -377,6 +400,7 @@ def start_hub(
         workdir=workdir,
         public_port=public_port,
         proxy_api_port=proxy_api_port,
+        hub_ip=hub_ip,
         hub_port=hub_port,
         admin_token=admin_token,
         proxy_token=secrets.token_hex(16),

@@ -1,50 +1,18 @@
-"""Driving a real single-user server the way a user's browser and JupyterLab do: log in
-through the proxy keeping cookies, start a kernel over the server's REST API, run code
-over the kernel's websocket (the Jupyter messaging protocol). Used by the real-node tests."""
+"""Driving a kernel in a real single-user server the way JupyterLab does: start it over the
+server's REST API, run code over its websocket (the Jupyter messaging protocol). Used by the
+real-node tests; ``hubml_testing.jupyterhub.Browser`` is the browser side."""
 
 from __future__ import annotations
 
 import asyncio
-import http.cookiejar
 import json
-import re
 import time
-import urllib.parse
 import urllib.request
 import uuid
 from typing import NamedTuple
 
 from tornado.httpclient import HTTPRequest
 from tornado.websocket import websocket_connect
-
-
-class Browser:
-    """A cookie-keeping client that follows redirects, as a user's browser does."""
-
-    def __init__(self, base: str) -> None:
-        self.base = base
-        self.opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(http.cookiejar.CookieJar()))
-
-    def get(self, path: str) -> tuple[int, str, str]:
-        with self.opener.open(self.base + path, timeout=60) as r:
-            return r.status, r.geturl(), r.read().decode()
-
-    def post_form(self, path: str, fields: dict[str, str]) -> tuple[int, str, str]:
-        data = urllib.parse.urlencode(fields).encode()
-        with self.opener.open(self.base + path, data=data, timeout=120) as r:
-            return r.status, r.geturl(), r.read().decode()
-
-    def login(self, user: str) -> None:
-        _, _, html = self.get("hub/login")
-        self.post_form("hub/login", {"username": user, "password": "any", "_xsrf": xsrf(html)})
-
-
-def xsrf(html: str) -> str:
-    """The page's XSRF token: a hidden ``_xsrf`` field, or the ``_xsrf`` query of a form's action."""
-    found = re.search(r'name="_xsrf" value="([^"]+)"', html) or re.search(r'[?&;]_xsrf=([^"&]+)', html)
-    if not found:
-        raise AssertionError(f"no _xsrf field or query in the page:\n{html[-3000:]}")
-    return urllib.parse.unquote(found.group(1).replace("&amp;", ""))
 
 
 class PodKernel(NamedTuple):

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 from pathlib import Path
 from typing import Any
 
@@ -98,13 +97,7 @@ async def _serving_objects(svc: Any, name: str) -> list[str]:
 async def test_train_register_deploy_predict_undeploy_from_a_notebook_pod(notebook_stack, real_node, pod_mlflow,
                                                                          kube_cluster, kube_namespace):
     svc, hub = notebook_stack, notebook_stack.hub
-    status, _ = await asyncio.to_thread(hub.api, "POST", "/users/alice/server", {"profile": "cpu-real"}, timeout=300)
-    assert status in (201, 202), hub.log_tail()
-    deadline = time.monotonic() + 300
-    while not (server := (await asyncio.to_thread(hub.servers, "alice")).get("", {})).get("ready"):
-        assert server.get("pending") == "spawn", f"alice's spawn ended without a server:\n{hub.log_tail()}"
-        assert time.monotonic() < deadline, f"alice's server not ready in 300 s:\n{hub.log_tail()}"
-        await asyncio.sleep(1)
+    await asyncio.to_thread(hub.start_server, "alice", options={"profile": "cpu-real"}, timeout=300)
     pods = kube_cluster.rest.must("GET", f"/api/v1/namespaces/{kube_namespace}/pods")["items"]
     assert [p["spec"]["nodeName"] for p in pods] == [real_node.name]
 

@@ -12,7 +12,8 @@ from typing import Any
 
 import pytest
 from hubml_testing.kube_node import GATEWAY_IP
-from hubml_testing.pod_kernel import Browser, execute, start_kernel, xsrf
+from hubml_testing.jupyterhub import Browser, xsrf
+from hubml_testing.pod_kernel import execute, start_kernel
 from hubml_testing.real_pods import REAL_PROFILE, SINGLEUSER
 
 pytestmark = [pytest.mark.kube, pytest.mark.hub, pytest.mark.node, pytest.mark.slow, pytest.mark.timeout(900)]
