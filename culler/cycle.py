@@ -244,15 +244,22 @@ class Culler:
             snap = _replace(snap, last_activity=server_activity)
         return snap
 
-    async def _with_kernels(self, snap: ServerSnapshot, server_url: str, now: datetime) -> ServerSnapshot:
-        kernels, err = await self._read_kernels(snap.key, server_url)
-        return self._apply_kernels(snap, kernels, err, now)
+    async def _with_kernels(self, snap: ServerSnapshot, server_url: str) -> ServerSnapshot:
+        # What the kernels show is stamped with when the answer came, not with the pass's
+        # start: on a busy hub the user list alone can take seconds, and a busy run or an
+        # empty room first seen in this answer may have begun only just before it. Dating
+        # it earlier would cull a forgotten loop that much before its idle_timeout.
+        kernels, err, seen_at = await self._read_kernels(snap.key, server_url)
+        return self._apply_kernels(snap, kernels, err, seen_at)
 
-    async def _read_kernels(self, key: tuple[str, str], server_url: str) -> tuple[tuple[Kernel, ...] | None, str]:
+    async def _read_kernels(
+        self, key: tuple[str, str], server_url: str
+    ) -> tuple[tuple[Kernel, ...] | None, str, datetime]:
         started = self.clock()
         kernels, err = await self.hub.kernels(server_url)
-        self.own_reads.setdefault(key, []).append((started, self.clock()))
-        return kernels, err
+        ended = self.clock()
+        self.own_reads.setdefault(key, []).append((started, ended))
+        return kernels, err, ended
 
     def _apply_kernels(
         self, snap: ServerSnapshot, kernels: tuple[Kernel, ...] | None, err: str, now: datetime
@@ -283,7 +290,7 @@ class Culler:
                     snap = self._discount_own_reads(self._base_snapshot(user, name, server), now)
                     self.urls[snap.key] = server.get("url", "")
                     if self._needs_kernels(snap, now):
-                        fut = asyncio.ensure_future(self._with_kernels(snap, server.get("url", ""), now))
+                        fut = asyncio.ensure_future(self._with_kernels(snap, server.get("url", "")))
                     else:
                         fut = asyncio.ensure_future(plain(snap))
                     entries.append((user, name, fut))

@@ -169,9 +169,10 @@ def track_kernels(
 ) -> tuple[tuple[Kernel, ...], dict[str, datetime]]:
     """Carry each kernel's busy run across passes.
 
-    A kernel seen busy for the first time is busy since *now*: we cannot know
-    when an unseen run started, so after a culler restart the forgotten-loop
-    rule waits a full window again. That errs toward keeping servers.
+    A kernel seen busy for the first time is busy since *now*, the moment its
+    state was read: we cannot know when an unseen run started, so after a
+    culler restart the forgotten-loop rule waits a full window again. That errs
+    toward keeping servers.
     """
     out: list[Kernel] = []
     state: dict[str, datetime] = {}

@@ -422,6 +422,27 @@ def _allocatable_gpus(cluster: KubeCluster) -> int:
     return int(obj.get("status", {}).get("allocatable", {}).get("nvidia.com/gpu", "0")) if status == 200 else -1
 
 
+def node_summary(cluster: KubeCluster) -> dict[str, Any]:
+    """The real node as the scheduler and HubMLSpawner's availability see it: Ready, its
+    taints (the node lifecycle controller adds not-ready/unreachable ones when kubelet's
+    heartbeats lag, e.g. while a multi-GB image is imported on a loaded machine) and its
+    allocatable GPUs."""
+    status, obj = cluster.rest.request("GET", f"/api/v1/nodes/{NODE_NAME}")
+    if status != 200:
+        return {"found": False, "status": status}
+    conds = {c["type"]: c["status"] for c in obj.get("status", {}).get("conditions", [])}
+    return {"ready": conds.get("Ready") == "True",
+            "taints": sorted(f"{t['key']}:{t['effect']}" for t in obj.get("spec", {}).get("taints") or []),
+            "gpus": int(obj.get("status", {}).get("allocatable", {}).get("nvidia.com/gpu", "0"))}
+
+
+def ready_for_gpu_pods(cluster: KubeCluster) -> bool:
+    """Ready, no taint but its own, every advertised GPU allocatable."""
+    s = node_summary(cluster)
+    return (s.get("ready") is True and s["taints"] == [f"{REAL_NODE_TAINT['key']}:{REAL_NODE_TAINT['effect']}"]
+            and s["gpus"] == ADVERTISED_GPUS)
+
+
 def stop_real_node(cluster: KubeCluster, node: RealNode, timeout: float = 20.0) -> None:
     """Stop kubelet first (so nothing restarts), then every container containerd runs, then the
     daemons; unmount what kubelet mounted; remove kube-proxy's rules and the Node object."""

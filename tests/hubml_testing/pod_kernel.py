@@ -12,7 +12,7 @@ import uuid
 from typing import NamedTuple
 
 from tornado.httpclient import HTTPRequest
-from tornado.websocket import websocket_connect
+from tornado.websocket import WebSocketClientConnection, websocket_connect
 
 
 class PodKernel(NamedTuple):
@@ -30,8 +30,8 @@ def start_kernel(hub_url: str, user: str, token: str) -> PodKernel:
     return PodKernel(f"{api.replace('http://', 'ws://')}/{kernel['id']}/channels", token)
 
 
-async def execute(kernel: PodKernel, code: str, timeout: float = 120) -> tuple[str, str]:
-    """Run ``code`` in the kernel; (its stream output and tracebacks, the reply's status)."""
+async def _send_execute(kernel: PodKernel, code: str) -> tuple[WebSocketClientConnection, str]:
+    """Connect to the kernel's channels and send one execute_request; (the socket, its msg_id)."""
     ws = await websocket_connect(HTTPRequest(kernel.ws_url, headers={"Authorization": f"token {kernel.token}"}))
     msg_id = uuid.uuid4().hex
     ws.write_message(json.dumps({
@@ -41,6 +41,31 @@ async def execute(kernel: PodKernel, code: str, timeout: float = 120) -> tuple[s
         "content": {"code": code, "silent": False, "store_history": False, "user_expressions": {},
                     "allow_stdin": False, "stop_on_error": True},
     }))
+    return ws, msg_id
+
+
+async def submit_and_leave(kernel: PodKernel, code: str, timeout: float = 60) -> None:
+    """Start ``code`` and close the tab: return once the kernel says it is busy with it,
+    leaving no client connected (what a user who walks away from a running cell leaves)."""
+    ws, msg_id = await _send_execute(kernel, code)
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            raw = await asyncio.wait_for(ws.read_message(), deadline - time.monotonic())
+            if raw is None:
+                raise AssertionError("the kernel's websocket closed before the cell started")
+            msg = json.loads(raw)
+            if (msg.get("parent_header", {}).get("msg_id") == msg_id and msg["msg_type"] == "status"
+                    and msg["content"]["execution_state"] == "busy"):
+                return
+        raise AssertionError(f"the kernel did not start the cell in {timeout}s")
+    finally:
+        ws.close()
+
+
+async def execute(kernel: PodKernel, code: str, timeout: float = 120) -> tuple[str, str]:
+    """Run ``code`` in the kernel; (its stream output and tracebacks, the reply's status)."""
+    ws, msg_id = await _send_execute(kernel, code)
     out: list[str] = []
     status, deadline = "", time.monotonic() + timeout
     try:

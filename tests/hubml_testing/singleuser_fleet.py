@@ -39,6 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote, urlparse
 
+from hubml_testing.dcgm import exposition
 from hubml_testing.ports import free_port, wait_http
 
 # --------------------------------------------------------------------------- hub side
@@ -144,20 +145,8 @@ def _make_app(hub_api: str, hub_token: str):
 
     class Metrics(web.RequestHandler):
         def get(self):
-            lines = [
-                "# HELP DCGM_FI_DEV_GPU_UTIL GPU utilization (in %).",
-                "# TYPE DCGM_FI_DEV_GPU_UTIL gauge",
-            ]
-            for (ns, pod), utils in sorted(gpus.items()):
-                for i, u in enumerate(utils):
-                    lines.append(
-                        f'DCGM_FI_DEV_GPU_UTIL{{gpu="{i}",UUID="GPU-{abs(hash((ns, pod, i))) % 10**8:08d}",'
-                        f'device="nvidia{i}",modelName="NVIDIA A100-SXM4-80GB",Hostname="node-1",'
-                        f'DCGM_FI_DRIVER_VERSION="550.54.15",container="notebook",'
-                        f'namespace="{ns}",pod="{pod}"}} {u:g}'
-                    )
             self.set_header("Content-Type", "text/plain; version=0.0.4")
-            self.write("\n".join(lines) + "\n")
+            self.write(exposition(gpus))
 
     class SingleUser(web.RequestHandler):
         async def get(self, user, rest):

@@ -14,7 +14,7 @@ import pytest
 from hubml_testing.kube_node import GATEWAY_IP
 from hubml_testing.jupyterhub import Browser, xsrf
 from hubml_testing.pod_kernel import execute, start_kernel
-from hubml_testing.real_pods import REAL_PROFILE, SINGLEUSER
+from hubml_testing.real_pods import REAL_PROFILE, SINGLEUSER, user_pods
 
 pytestmark = [pytest.mark.kube, pytest.mark.hub, pytest.mark.node, pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -29,11 +29,6 @@ print("magics", sorted(m for m in ("train", "register_model", "deploy") if m in 
 print("ext", "hubml" in ip.extension_manager.loaded)
 print("user", os.getuid(), os.environ["JUPYTERHUB_USER"], os.environ["JUPYTERHUB_API_URL"])
 """
-
-
-def _pods(kube_cluster: Any, namespace: str) -> list[dict[str, Any]]:
-    out = kube_cluster.rest.must("GET", f"/api/v1/namespaces/{namespace}/pods?labelSelector=hub.jupyter.org/username=alice")
-    return [p for p in out["items"] if not p["metadata"].get("deletionTimestamp")]
 
 
 async def test_user_spawns_a_real_server_and_its_kernel_has_the_magics(
@@ -70,7 +65,7 @@ async def test_user_spawns_a_real_server_and_its_kernel_has_the_magics(
         await asyncio.sleep(1)
     spawn_s = time.monotonic() - started
 
-    [pod] = _pods(kube_cluster, kube_namespace)
+    [pod] = user_pods(kube_cluster, kube_namespace, "alice")
     assert pod["spec"]["nodeName"] == real_node.name
     assert pod["status"]["phase"] == "Running"
     assert pod["spec"]["containers"][0]["image"] == SINGLEUSER
@@ -93,6 +88,6 @@ async def test_user_spawns_a_real_server_and_its_kernel_has_the_magics(
 
     hub.stop_server("alice", timeout=120)
     deadline = time.monotonic() + 120
-    while _pods(kube_cluster, kube_namespace):
+    while user_pods(kube_cluster, kube_namespace, "alice"):
         assert time.monotonic() < deadline, "alice's pod outlived her stopped server"
         await asyncio.sleep(1)
