@@ -134,6 +134,9 @@ def check_availability(
     what = profile.describe_gpu()
     need = f" ({profile.gpu.count} needed on one node)" if profile.gpu.count > 1 and avail.free else ""
     tail = f"; {', '.join(alts)}" if alts else "; no other GPU profile has room either, try again later"
+    if not avail.nodes:  # "0 of 0" would read as a cluster without such GPUs
+        return Refusal(409, f"no {what} free: no node offering it is Ready and open to this profile right now "
+                            f"(NotReady, cordoned, or tainted against it){tail}.")
     return Refusal(409, f"no {what} free: {avail.free} of {avail.total}{need}{tail}.")
 
 

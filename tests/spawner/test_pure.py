@@ -155,6 +155,12 @@ def test_full_profile_refusal_names_alternatives():
     assert r.status == 409
     assert r.message == "no A100 80GB free: 0 of 16; mig-small has 5 free."
     assert admission.check_availability(CAT.get("mig-small"), av["mig-small"], CAT, av) is None
+    # no candidate node at all (e.g. its only node went NotReady): said so, not "0 of 0"
+    gone = Availability("a100", "nvidia.com/gpu", 0, 0, 0, 0)
+    r = admission.check_availability(CAT.get("a100"), gone, CAT, {**av, "a100": gone})
+    assert r.status == 409 and r.message == (
+        "no A100 80GB free: no node offering it is Ready and open to this profile right now "
+        "(NotReady, cordoned, or tainted against it); mig-small has 5 free.")
 
 
 def test_failed_scheduling_translation():
