@@ -197,7 +197,8 @@ def test_hub_refuses_to_start_with_bad_profiles(tmp_path):
         {"name": "cpu", "default": True, "kubespawner_override": {"mem_limt": "1G"}},
     ]
     text = _config_text(
-        workdir=tmp_path, public_port=1, proxy_api_port=1, hub_port=1, admin_token="x" * 32, proxy_token="y" * 32,
+        workdir=tmp_path, public_port=1, proxy_api_port=1, hub_ip="127.0.0.1", hub_port=1, admin_token="x" * 32,
+        proxy_token="y" * 32,
         config={"JupyterHub.spawner_class": "hubml", "HubMLSpawner.gpu_profiles": bad}, extra_config="",
     )
     (tmp_path / "jupyterhub_config.py").write_text(text)
