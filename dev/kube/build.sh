@@ -34,6 +34,11 @@ go_version=$(go env GOVERSION)
 export CGO_ENABLED=0
 export GOFLAGS="-mod=mod -buildvcs=false"
 export GOTOOLCHAIN=local
+# Go's module and build caches for these builds stay in the harness cache while a build is
+# needed (a failed run keeps them, so the retry is quick) and are removed once every binary
+# is built: together about 10 GB, while the stamped binaries are all that is ever reused, and
+# the real node's images need that disk.
+export GOMODCACHE=$dir/go-mod GOCACHE=$dir/go-build
 
 fail() {
     echo "build.sh: FAILED: $*" >&2
@@ -178,5 +183,9 @@ if want helm; then
         "-X helm.sh/helm/v3/internal/version.version=$HELM_VERSION"
 fi
 
+if [ -d "$GOMODCACHE" ] || [ -d "$GOCACHE" ]; then
+    go clean -modcache
+    rm -rf "$GOCACHE"
+fi
 echo "built: ${built[*]:-none}; reused: ${reused[*]:-none}; $((SECONDS - start)) s in all"
 echo "binaries: $bin ($(du -sh "$bin" | cut -f1)); cache incl. sources: $(du -sh "$dir" | cut -f1)"
