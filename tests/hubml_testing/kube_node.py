@@ -276,10 +276,16 @@ class RealNode:
     def import_image(self, image: NodeImage) -> None:
         """Import a docker-archive unless containerd already holds that name at that archive's key."""
         key_label = "hubml.io/archive=" + image.archive.name
-        listed = self.ctr("images", "ls").stdout
-        if any(line.split()[0] == image.name and key_label in line for line in listed.splitlines()[1:] if line.strip()):
+        rows = [line for line in self.ctr("images", "ls").stdout.splitlines()[1:] if line.strip()]
+        if any(line.split()[0] == image.name and key_label in line for line in rows):
             self.images.append(image.name)
             return
+        if any(line.split()[0] == image.name for line in rows):
+            # an earlier build of it: let containerd free it before the new one lands, or the
+            # disk holds both (~14 GB each for the torch images: packed content + unpacked
+            # snapshot) and kubelet's image GC starts removing what the tests need
+            self.ctr("images", "rm", image.name)
+            self.prune_unnamed()
         self.ctr("images", "import", str(image.archive))
         # pinned: kubelet's image GC never removes it; the label records which archive it came from
         self.ctr("images", "label", image.name, "io.cri-containerd.pinned=pinned", key_label)
