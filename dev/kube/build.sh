@@ -37,8 +37,13 @@ export GOTOOLCHAIN=local
 # Go's module and build caches for these builds stay in the harness cache while a build is
 # needed (a failed run keeps them, so the retry is quick) and are removed once every binary
 # is built: together about 10 GB, while the stamped binaries are all that is ever reused, and
-# the real node's images need that disk.
-export GOMODCACHE=$dir/go-mod GOCACHE=$dir/go-build
+# the real node's images need that disk. Caches the caller names (GOMODCACHE, GOCACHE) are
+# theirs: used as they are and never removed.
+own_go_caches=0
+if [ -z "${GOMODCACHE:-}" ] && [ -z "${GOCACHE:-}" ]; then
+    export GOMODCACHE=$dir/go-mod GOCACHE=$dir/go-build
+    own_go_caches=1
+fi
 
 fail() {
     echo "build.sh: FAILED: $*" >&2
@@ -183,7 +188,7 @@ if want helm; then
         "-X helm.sh/helm/v3/internal/version.version=$HELM_VERSION"
 fi
 
-if [ -d "$GOMODCACHE" ] || [ -d "$GOCACHE" ]; then
+if [ $own_go_caches = 1 ] && { [ -d "$GOMODCACHE" ] || [ -d "$GOCACHE" ]; }; then
     go clean -modcache
     rm -rf "$GOCACHE"
 fi
