@@ -284,7 +284,7 @@ class RealNode:
             # an earlier build of it: let containerd free it before the new one lands, or the
             # disk holds both (~14 GB each for the torch images: packed content + unpacked
             # snapshot) and kubelet's image GC starts removing what the tests need
-            self.ctr("images", "rm", image.name)
+            self.ctr("images", "rm", "--sync", image.name)
             self.prune_unnamed()
         self.ctr("images", "import", str(image.archive))
         # pinned: kubelet's image GC never removes it; the label records which archive it came from
@@ -319,7 +319,7 @@ class RealNode:
         named = {row[2] for row in rows if not row[0].startswith("sha256:")}
         for row in rows:
             if row[0].startswith("sha256:") and row[2] not in named:
-                self.ctr("images", "rm", row[0], check=False)
+                self.ctr("images", "rm", "--sync", row[0], check=False)
 
 
 def start_real_node(cluster: KubeCluster, state_dir: Path | None = None, timeout: float = 120.0,
