@@ -8,8 +8,7 @@ API), for Prometheus to scrape as it scrapes the real one.
 :class:`NodeDcgmExporter` serves the real node's pods: every pod the node runs that
 holds ``nvidia.com/gpu`` gets one series per GPU it was granted. Nothing on that node
 touches a GPU (the workloads run on the CPU), so each reads 0 %, which is what a real
-exporter reports for a GPU that a pod holds and leaves idle; :meth:`set_util` lets a test
-say otherwise for one pod.
+exporter reports for a GPU that a pod holds and leaves idle.
 """
 
 from __future__ import annotations
@@ -57,8 +56,6 @@ class NodeDcgmExporter:
 
     def __init__(self, rest: Any, node: str, *, model: str = "hubml-CPU-as-GPU") -> None:
         self.rest, self.node, self.model = rest, node, model
-        self._util: dict[tuple[str, str], float] = {}
-        self._lock = threading.Lock()
         exporter = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -85,17 +82,12 @@ class NodeDcgmExporter:
         """``host:port`` for Prometheus's static_configs."""
         return f"127.0.0.1:{self._server.server_address[1]}"
 
-    def set_util(self, namespace: str, pod: str, percent: float) -> None:
-        with self._lock:
-            self._util[(namespace, pod)] = percent
-
     def render(self) -> str:
         selector = quote(f"spec.nodeName={self.node},status.phase=Running")
         pods = self.rest.must("GET", f"/api/v1/pods?fieldSelector={selector}")["items"]
-        with self._lock:
-            gpus = {(p["metadata"]["namespace"], p["metadata"]["name"]):
-                    [self._util.get((p["metadata"]["namespace"], p["metadata"]["name"]), 0.0)] * granted_gpus(p)
-                    for p in pods if granted_gpus(p) and not p["metadata"].get("deletionTimestamp")}
+        gpus = {(p["metadata"]["namespace"], p["metadata"]["name"]): [0.0] * granted_gpus(p)
+                for p in pods if not p["metadata"].get("deletionTimestamp")}
+        gpus = {pod: utils for pod, utils in gpus.items() if utils}
         return exposition(gpus, model=self.model, hostname=self.node)
 
     def stop(self) -> None:

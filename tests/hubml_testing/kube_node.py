@@ -403,7 +403,7 @@ def start_real_node(cluster: KubeCluster, state_dir: Path | None = None, timeout
         rest.must("PATCH", f"/api/v1/nodes/{NODE_NAME}/status",
                   {"status": {"capacity": {"nvidia.com/gpu": str(ADVERTISED_GPUS)}}},
                   content_type="application/merge-patch+json")
-        wait("nvidia.com/gpu allocatable on the real node", lambda: _allocatable_gpus(cluster) == ADVERTISED_GPUS,
+        wait("nvidia.com/gpu allocatable on the real node", lambda: node_summary(cluster).get("gpus") == ADVERTISED_GPUS,
              deadline)
 
         def dns_ok() -> bool:
@@ -421,11 +421,6 @@ def start_real_node(cluster: KubeCluster, state_dir: Path | None = None, timeout
     except BaseException:
         stop_real_node(cluster, node)
         raise
-
-
-def _allocatable_gpus(cluster: KubeCluster) -> int:
-    status, obj = cluster.rest.request("GET", f"/api/v1/nodes/{NODE_NAME}")
-    return int(obj.get("status", {}).get("allocatable", {}).get("nvidia.com/gpu", "0")) if status == 200 else -1
 
 
 def node_summary(cluster: KubeCluster) -> dict[str, Any]:

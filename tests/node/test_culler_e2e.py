@@ -22,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import secrets
 import time
-from datetime import datetime
 from typing import Any
 
 import pytest
@@ -54,14 +53,14 @@ class PassLog:
     """Every pass's decision per user, with the wall time the pass started."""
 
     def __init__(self) -> None:
-        self.rows: list[tuple[float, str, str, str, datetime | None]] = []  # (t, user, action, reason, idle_since)
+        self.rows: list[tuple[float, str, str, str]] = []  # (t, user, action, reason)
 
     def add(self, t: float, report: Any) -> None:
         for o in report.outcomes:
-            self.rows.append((t, o.user, o.decision.action.value, o.decision.reason, o.decision.idle_since))
+            self.rows.append((t, o.user, o.decision.action.value, o.decision.reason))
 
     def of(self, user: str) -> list[tuple[float, str, str]]:
-        return [(t, a, r) for t, u, a, r, _ in self.rows if u == user]
+        return [(t, a, r) for t, u, a, r in self.rows if u == user]
 
     def cull(self, user: str) -> tuple[float, str] | None:
         return next(((t, r) for t, a, r in self.of(user) if a == Action.CULL.value), None)
