@@ -120,6 +120,13 @@ def print_lines(lines: list[LogLine], rank: int | None = None, out: Any = None) 
         out.flush()
 
 
+#: what libstdc++ prints when gloo's teardown destroys a thread it never joined: a rank
+#: that leaves (destroy_process_group, exit) while a peer still runs aborts this way now
+#: and then (3 runs in 20 under torch 2.15 on CPU, bench/RESULTS.md), a cell whose own
+#: code is fine but whose ranks do not leave together
+GLOO_TEARDOWN_ABORT = "terminate called without an active exception"
+
+
 def raise_for_status(status: JobStatus, tails: dict[int, deque[str]] | None = None) -> JobStatus:
     """Return a succeeded status; raise ``JobFailed``/``JobCancelled`` naming rank, exit code and log tail."""
     tails = tails or {}
@@ -139,6 +146,11 @@ def raise_for_status(status: JobStatus, tails: dict[int, deque[str]] | None = No
     next_step = f"fix the cell and run it again; the full log: {logs_hint}."
     if status.failed_rank is None and "--timeout" in status.message:
         next_step = f"raise --timeout (or make the job faster) and run the cell again; its log: {logs_hint}."
+    elif any(GLOO_TEARDOWN_ABORT in line for line in tails.get(status.failed_rank, [])):
+        next_step = ("this rank aborted while leaving the process group as another rank still ran (gloo's "
+                     "teardown); end the cell on every rank with `dist.barrier()` and then "
+                     "`dist.destroy_process_group()`, after rank 0's last work (such as logging the model), "
+                     f"so that the ranks leave together, and run it again; the full log: {logs_hint}.")
     raise JobFailed(
         f"Training job {status.id} failed. {status.message}".strip(),
         rank=status.failed_rank, exit_code=status.exit_code, log_tail=tail, next_step=next_step,

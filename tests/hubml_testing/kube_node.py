@@ -16,6 +16,10 @@ Network safety comes first (``network_guard``, before any process starts):
   enters the host from it is routed by a table of its own (``ip rule iif hubml0``)
   that holds the bridge subnet and a blackhole default: a pod can reach other pods,
   the host's own addresses and Services (DNAT happens before routing), nothing else;
+* the bridge has a MAC address of its own (``BRIDGE_MAC``): a Linux bridge without one
+  takes the lowest MAC among its ports, so it changed whenever a pod's veth came or went
+  and pods kept sending to the gateway's old MAC (their ARP cache) until it went stale:
+  seconds in which a pod could not reach DNS, MLflow or the hub;
 * no masquerade anywhere (the CNI bridge has ``ipMasq: false``), CoreDNS has no
   ``forward``: a name outside cluster.local is not resolved.
 
@@ -48,6 +52,7 @@ NODE_NAME = "hubml-node-0"
 BRIDGE = "hubml0"
 POD_SUBNET = "10.245.0.0/24"  # this node's pods
 GATEWAY_IP = "10.245.0.1"  # the host on the bridge: node IP, cluster DNS, reachable host services
+BRIDGE_MAC = "02:42:0a:f5:00:01"  # locally administered; fixed so pods' ARP entries for the gateway stay right
 #: ranges no host packet may leave the machine for: this node's, kwok's and the Services'
 BLACKHOLES = ("10.245.0.0/16", "10.244.0.0/16", SERVICE_CIDR)
 ROUTE_TABLE = 245  # the bridge's own routing table (subnet + blackhole default)
@@ -91,6 +96,7 @@ def network_guard() -> None:
         _run(["ip", "link", "add", BRIDGE, "type", "bridge"])
     prefix = POD_SUBNET.split("/")[1]
     _run(["ip", "addr", "replace", f"{GATEWAY_IP}/{prefix}", "dev", BRIDGE])
+    _run(["ip", "link", "set", BRIDGE, "address", BRIDGE_MAC])
     _run(["ip", "link", "set", BRIDGE, "up"])
     _run(["ip", "route", "replace", POD_SUBNET, "dev", BRIDGE, "table", str(ROUTE_TABLE)])
     _run(["ip", "route", "replace", "blackhole", "default", "table", str(ROUTE_TABLE)])
@@ -107,6 +113,11 @@ def network_guard() -> None:
     bridge_nf.write_text("1")
 
 
+def bridge_mac() -> str:
+    """The bridge's MAC address as the kernel reports it now."""
+    return json.loads(_run(["ip", "-j", "link", "show", BRIDGE]).stdout)[0]["address"]
+
+
 def guard_problems() -> list[str]:
     """What is missing of the network guard, read back from the kernel (empty when all is in place)."""
     problems = []
@@ -117,6 +128,8 @@ def guard_problems() -> list[str]:
         problems.append(f"table {ROUTE_TABLE} has no blackhole default")
     if f"iif {BRIDGE} lookup {ROUTE_TABLE}" not in _run(["ip", "rule", "show"]).stdout:
         problems.append(f"no rule sends packets from {BRIDGE} to table {ROUTE_TABLE}")
+    if bridge_mac() != BRIDGE_MAC:
+        problems.append(f"{BRIDGE} has MAC {bridge_mac()}, not its own {BRIDGE_MAC}: it follows its ports'")
     return problems
 
 
@@ -272,6 +285,23 @@ class RealNode:
 
     def ctr(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
         return _run(["ctr", "--address", str(self.containerd_socket), "-n", "k8s.io", *args], check=check)
+
+    def pod_log_tails(self, since: float, lines: int = 150) -> str:
+        """The last ``lines`` of every container log kubelet wrote to after ``since`` (epoch
+        seconds): what a failed real-node test attaches, since its pods and their logs go
+        with its namespace once the test is over."""
+        out = []
+        for log in sorted((self.state_dir / "pod-logs").glob("*/*/*.log")):
+            try:
+                if log.stat().st_mtime < since:
+                    continue
+                text = log.read_text(errors="replace").splitlines()[-lines:]
+            except OSError:  # rotated or removed while we read
+                continue
+            pod_dir, container = log.parent.parent.name, log.parent.name
+            namespace, pod = pod_dir.split("_")[:2]
+            out.append(f"--- {namespace}/{pod} [{container}] {log.name} (last {len(text)} lines)\n" + "\n".join(text))
+        return "\n".join(out)
 
     def import_image(self, image: NodeImage) -> None:
         """Import a docker-archive unless containerd already holds that name at that archive's key."""

@@ -30,17 +30,60 @@ def start_kernel(hub_url: str, user: str, token: str) -> PodKernel:
     return PodKernel(f"{api.replace('http://', 'ws://')}/{kernel['id']}/channels", token)
 
 
-async def _send_execute(kernel: PodKernel, code: str) -> tuple[WebSocketClientConnection, str]:
-    """Connect to the kernel's channels and send one execute_request; (the socket, its msg_id)."""
-    ws = await websocket_connect(HTTPRequest(kernel.ws_url, headers={"Authorization": f"token {kernel.token}"}))
+def _message(msg_type: str, content: dict, session: str) -> tuple[str, str]:
+    """One Jupyter message for the channels websocket; (its JSON, its msg_id)."""
     msg_id = uuid.uuid4().hex
-    ws.write_message(json.dumps({
-        "header": {"msg_id": msg_id, "username": "test", "session": uuid.uuid4().hex, "msg_type": "execute_request",
+    return json.dumps({
+        "header": {"msg_id": msg_id, "username": "test", "session": session, "msg_type": msg_type,
                    "version": "5.3", "date": ""},
-        "parent_header": {}, "metadata": {}, "channel": "shell", "buffers": [],
-        "content": {"code": code, "silent": False, "store_history": False, "user_expressions": {},
-                    "allow_stdin": False, "stop_on_error": True},
-    }))
+        "parent_header": {}, "metadata": {}, "channel": "shell", "buffers": [], "content": content,
+    }), msg_id
+
+
+async def _wait_for_iopub(ws: WebSocketClientConnection, session: str, timeout: float = 60) -> None:
+    """Return once this connection's iopub subscription is live. A fresh websocket's iopub
+    subscription is set up asynchronously by the server (ZMQ's slow joiner), so output a cell
+    makes in its first milliseconds can be lost; like jupyter_client's ``wait_for_ready`` we
+    send kernel_info_request until both its reply and an iopub status for it have arrived."""
+    deadline = time.monotonic() + timeout
+    sent: set[str] = set()  # a slow kernel's answer to an earlier request counts too
+    replied, seen_iopub = set(), set()
+    while time.monotonic() < deadline:
+        raw_msg, msg_id = _message("kernel_info_request", {}, session)
+        sent.add(msg_id)
+        ws.write_message(raw_msg)
+        retry_at = min(time.monotonic() + 1.0, deadline)
+        while time.monotonic() < retry_at:
+            try:
+                raw = await asyncio.wait_for(ws.read_message(), max(0.01, retry_at - time.monotonic()))
+            except asyncio.TimeoutError:
+                break
+            if raw is None:
+                raise AssertionError("the kernel's websocket closed before the kernel answered kernel_info")
+            msg = json.loads(raw)
+            parent = msg.get("parent_header", {}).get("msg_id")
+            if parent not in sent:
+                continue
+            (replied if msg["msg_type"] == "kernel_info_reply" else seen_iopub).add(parent)
+            if replied & seen_iopub:
+                return
+    raise AssertionError(f"the kernel did not answer kernel_info on both channels in {timeout}s")
+
+
+async def _send_execute(kernel: PodKernel, code: str) -> tuple[WebSocketClientConnection, str]:
+    """Connect to the kernel's channels, wait until its iopub is live, and send one
+    execute_request; (the socket, its msg_id)."""
+    ws = await websocket_connect(HTTPRequest(kernel.ws_url, headers={"Authorization": f"token {kernel.token}"}))
+    session = uuid.uuid4().hex
+    try:
+        await _wait_for_iopub(ws, session)
+    except BaseException:
+        ws.close()
+        raise
+    raw_msg, msg_id = _message("execute_request", {
+        "code": code, "silent": False, "store_history": False, "user_expressions": {},
+        "allow_stdin": False, "stop_on_error": True}, session)
+    ws.write_message(raw_msg)
     return ws, msg_id
 
 
@@ -64,10 +107,14 @@ async def submit_and_leave(kernel: PodKernel, code: str, timeout: float = 60) ->
 
 
 async def execute(kernel: PodKernel, code: str, timeout: float = 120) -> tuple[str, str]:
-    """Run ``code`` in the kernel; (its stream output and tracebacks, the reply's status)."""
+    """Run ``code`` in the kernel; (its stream output and tracebacks, the reply's status).
+
+    The cell is over once both its execute_reply (shell) and its idle status (iopub) have
+    arrived: the two channels are not ordered, so either may come first, and output on
+    iopub is complete only at idle."""
     ws, msg_id = await _send_execute(kernel, code)
     out: list[str] = []
-    status, deadline = "", time.monotonic() + timeout
+    status, idle, deadline = "", False, time.monotonic() + timeout
     try:
         while time.monotonic() < deadline:
             raw = await asyncio.wait_for(ws.read_message(), deadline - time.monotonic())
@@ -85,7 +132,9 @@ async def execute(kernel: PodKernel, code: str, timeout: float = 120) -> tuple[s
                 out.append(msg["content"]["data"].get("text/plain", "") + "\n")
             elif kind == "execute_reply":
                 status = msg["content"]["status"]
-            elif kind == "status" and msg["content"]["execution_state"] == "idle" and status:
+            elif kind == "status" and msg["content"]["execution_state"] == "idle":
+                idle = True
+            if status and idle:
                 return "".join(out), status
         raise AssertionError(f"no reply from the kernel in {timeout}s; output so far: {''.join(out)!r}")
     finally:

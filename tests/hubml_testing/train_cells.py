@@ -40,6 +40,7 @@ print(f"done rank {rank}", flush=True)
 if rank == 0:
     mlflow.pytorch.log_model(model.module, name="model", serialization_format="pickle", pip_requirements=["torch"])
     mlflow.end_run()
+dist.barrier()  # rank 1 waits for rank 0's upload: gloo may abort a rank that leaves while its peer runs
 dist.destroy_process_group()
 '''
 

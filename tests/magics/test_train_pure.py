@@ -146,6 +146,26 @@ def test_raise_for_status_names_rank_exit_code_and_tail():
     assert raise_for_status(_status()) .state is JobState.SUCCEEDED
 
 
+def test_a_rank_aborted_by_gloos_teardown_is_told_to_leave_with_a_barrier():
+    """A rank that leaves while its peer still uploads the model dies of SIGABRT with only
+    libstdc++'s line to show for it: the next step must say what ends a cell safely."""
+    from collections import deque
+
+    status = _status(state=JobState.FAILED, failed_rank=1, exit_code=-6,
+                     message="Rank 1 failed with exit code -6 (killed by SIGABRT).")
+    with pytest.raises(JobFailed) as info:
+        raise_for_status(status, {0: deque(["accuracy 0.980"]),
+                                  1: deque(["terminate called without an active exception", ""])})
+    rendered = "\n".join(info.value._render_traceback_())
+    assert "dist.barrier()" in rendered and "dist.destroy_process_group()" in rendered
+    assert "%train_logs job-abc123 --rank 1" in rendered
+    # the same line on a rank that did not fail says nothing about the one that did
+    with pytest.raises(JobFailed) as other:
+        raise_for_status(status, {0: deque(["terminate called without an active exception"]),
+                                  1: deque(["ValueError: boom"])})
+    assert "dist.barrier()" not in "\n".join(other.value._render_traceback_())
+
+
 def test_proc_stat_identifies_a_process_across_exec_and_forgets_it_once_reaped():
     import os
     import subprocess

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import secrets
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -71,3 +72,25 @@ def in_hub_image(real_node, hub_image_on_node) -> Iterator[Callable[[list[str], 
     yield launch
     for name in containers:  # normally gone already (ctr run --rm); not when ctr itself was killed
         real_node.remove_container(name)
+
+
+_STARTED = pytest.StashKey[float]()
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    item.stash[_STARTED] = time.time()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Iterator[None]:
+    """A failed real-node test carries its pods' logs: the namespace (and kubelet's copy of
+    the logs) is gone once its fixtures are torn down, and the cause of a failure on a real
+    pod is usually in a pod's log, not in the test's assertion."""
+    outcome = yield
+    report = outcome.get_result()
+    node = getattr(item, "funcargs", {}).get("real_node")
+    if not report.failed or node is None or report.when == "teardown":
+        return
+    tails = node.pod_log_tails(since=item.stash.get(_STARTED, 0.0))
+    report.sections.append(("pod logs (real node)", tails or "(no container wrote a log during this test)"))

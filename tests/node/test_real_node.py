@@ -9,7 +9,15 @@ from typing import Any
 
 import pytest
 from hubml_testing.kube import wait_for
-from hubml_testing.kube_node import BLACKHOLES, BRIDGE, GATEWAY_IP, REAL_NODE_TOLERATION, guard_problems
+from hubml_testing.kube_node import (
+    BLACKHOLES,
+    BRIDGE,
+    BRIDGE_MAC,
+    GATEWAY_IP,
+    REAL_NODE_TOLERATION,
+    bridge_mac,
+    guard_problems,
+)
 from hubml_testing.node_images import BUSYBOX_IMAGE
 
 pytestmark = [pytest.mark.kube, pytest.mark.node]
@@ -61,6 +69,35 @@ def test_network_guard_is_in_place(real_node):
     nat = subprocess.run(["iptables-save", "-t", "nat"], capture_output=True, text=True, check=True).stdout
     assert not [line for line in nat.splitlines() if "MASQUERADE" in line and "10.245." in line and "-s" in line
                 and "KUBE" not in line], nat
+
+
+async def test_the_bridge_keeps_its_mac_as_pods_come_and_go(real_node, kube_api, kube_namespace):
+    """A bridge's MAC follows its lowest-numbered port unless set: pods' cached ARP entry
+    for the gateway then pointed nowhere for seconds after another pod came or went."""
+    from kubernetes_asyncio import client
+
+    core = client.CoreV1Api(kube_api)
+    seen = {bridge_mac()}
+    for i in range(3):
+        await core.create_namespaced_pod(kube_namespace, busybox_pod(f"churn-{i}", "echo up"))
+        assert await finished(core, kube_namespace, f"churn-{i}") == "Succeeded"
+        seen.add(bridge_mac())
+        await core.delete_namespaced_pod(f"churn-{i}", kube_namespace, grace_period_seconds=0)
+        await wait_for(lambda i=i: _gone(core, kube_namespace, f"churn-{i}"), timeout=60, what=f"pod churn-{i} gone")
+        seen.add(bridge_mac())
+    assert seen == {BRIDGE_MAC}
+
+
+async def _gone(core: Any, ns: str, name: str) -> bool:
+    from kubernetes_asyncio.client.exceptions import ApiException
+
+    try:
+        await core.read_namespaced_pod(name, ns)
+    except ApiException as e:
+        if e.status == 404:
+            return True
+        raise
+    return False
 
 
 async def test_pods_resolve_peers_and_reach_a_service(real_node, kube_api, kube_namespace):
