@@ -272,13 +272,14 @@ class Kube:
 
     async def pod_log(self, namespace: str, name: str, *, container: str | None = None,
                       limit_bytes: int | None = None, since_time: str | None = None,
-                      timestamps: bool = False) -> bytes:
+                      timestamps: bool = False, tail_lines: int | None = None) -> bytes:
         """A container's log (``kubectl logs``), as the kubelet sends it: bytes, since ``limitBytes`` counts them.
 
         ``since_time`` (RFC 3339; the API server passes it on to the kubelet at
         second precision) skips records stamped earlier; ``timestamps`` prefixes
         each line with its RFC 3339 (nanosecond) time and a space; the kubelet
-        stops after ``limit_bytes`` bytes, possibly mid-line. Not retried: a
+        stops after ``limit_bytes`` bytes, possibly mid-line; ``tail_lines`` sends only
+        the log's last lines. Not retried: a
         reader polls again anyway.
         """
         query: dict[str, Any] = {}
@@ -290,6 +291,8 @@ class Kube:
             query["sinceTime"] = since_time
         if timestamps:
             query["timestamps"] = "true"
+        if tail_lines is not None:
+            query["tailLines"] = int(tail_lines)
         return await self.request("GET", POD.path(namespace, name, "log"), query=query, raw=True, retry=False)
 
     async def has_resource(self, res: Resource) -> bool:

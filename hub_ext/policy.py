@@ -387,22 +387,55 @@ def trainjob_running(job: dict[str, Any]) -> bool:
     return False
 
 
-def job_status(job: dict[str, Any], pods: list[dict[str, Any]]) -> JobStatus:
-    """A ``JobStatus`` from a Job (PyTorchJob, TrainJob) and its pods, as the API server reports them.
-
-    The newest pod per rank wins (a replacement pod after a failure). A worker
-    that ended non-zero makes the job failed, naming the rank and exit code;
-    the Job's own ``Failed`` condition (deadline, backoff) explains the rest.
-    """
-    meta = job.get("metadata") or {}
-    rec = spec_record(job)
-    workers = int(rec.get("workers") or 1)
-    annotations = meta.get("annotations") or {}
+def pods_by_rank(pods: list[dict[str, Any]]) -> dict[int, dict[str, Any]]:
+    """Each rank's newest pod (a replacement after a failure wins over the pod it replaced)."""
     by_rank: dict[int, dict[str, Any]] = {}
     for pod in sorted(pods, key=lambda p: (p.get("metadata") or {}).get("creationTimestamp") or ""):
         rank = pod_rank(pod)
         if rank is not None:
             by_rank[rank] = pod
+    return by_rank
+
+
+def failed_pods(pods: list[dict[str, Any]]) -> dict[int, str]:
+    """rank -> name of the rank's pod, for the ranks whose newest pod failed."""
+    return {rank: (pod.get("metadata") or {}).get("name", "") for rank, pod in pods_by_rank(pods).items()
+            if _pod_state(pod)[0] is JobState.FAILED}
+
+
+#: exit codes of a container stopped from outside (SIGTERM, SIGKILL: the Job controller
+#: deleting the other pods once one failed, the OOM killer): a consequence, not a cause
+_STOPPED_CODES = frozenset({128 + 15, 128 + 9})
+
+
+def _finished_ns(pod: dict[str, Any]) -> int | None:
+    for cs in (pod.get("status") or {}).get("containerStatuses") or ():
+        at = _ts(((cs.get("state") or {}).get("terminated") or {}).get("finishedAt"))
+        if at is not None:
+            return int(at * 1e9)
+    return None
+
+
+def job_status(job: dict[str, Any], pods: list[dict[str, Any]],
+               failed_at: dict[int, int] | None = None) -> JobStatus:
+    """A ``JobStatus`` from a Job (PyTorchJob, TrainJob) and its pods, as the API server reports them.
+
+    The newest pod per rank wins (a replacement pod after a failure). A worker
+    that ended non-zero makes the job failed, naming the rank and exit code;
+    the Job's own ``Failed`` condition (deadline, backoff) explains the rest.
+
+    When several ranks failed, the one named is the cause: not one stopped from
+    outside, then the one that failed first. One rank's crash makes its peers'
+    next collective fail within a second ("Connection closed by peer"), and a
+    container's ``finishedAt`` has whole seconds, so ``failed_at`` (rank -> ns,
+    the caller's reading of each failed pod's last log line, which the kubelet
+    stamps in nanoseconds) orders them when given; the lowest rank breaks ties.
+    """
+    meta = job.get("metadata") or {}
+    rec = spec_record(job)
+    workers = int(rec.get("workers") or 1)
+    annotations = meta.get("annotations") or {}
+    by_rank = pods_by_rank(pods)
     worker_states = []
     for rank in range(workers):
         pod = by_rank.get(rank)
@@ -437,7 +470,13 @@ def job_status(job: dict[str, Any], pods: list[dict[str, Any]]) -> JobStatus:
     else:
         state = JobState.PENDING
         message = pending.job_reason(job, by_rank, workers)
-    first_failed = min(failed, key=lambda w: w.rank) if failed else None
+    failed_at = failed_at or {}
+
+    def cause_order(w: WorkerStatus) -> tuple[bool, float, int]:
+        at = failed_at.get(w.rank) or _finished_ns(by_rank[w.rank])
+        return w.exit_code in _STOPPED_CODES, at if at is not None else float("inf"), w.rank
+
+    first_failed = min(failed, key=cause_order) if failed else None
     if state is JobState.FAILED and first_failed is not None:
         message = (f"Worker {first_failed.rank} exited with code {first_failed.exit_code}. " + message).strip()
     created = _ts(meta.get("creationTimestamp")) or float(rec.get("created") or 0)

@@ -229,7 +229,21 @@ class Training:
     async def get(self, caller: pol.Caller, job_id: str) -> JobStatus:
         _res, job = await self._find(caller, job_id)
         pods = await self._pods({ownership.LABEL_JOB: job_id, ownership.LABEL_KIND: ownership.KIND_TRAINING})
-        return pol.job_status(job, pods)
+        failed = pol.failed_pods(pods)
+        return pol.job_status(job, pods, await self._failure_times(failed) if len(failed) > 1 else None)
+
+    async def _failure_times(self, failed: dict[int, str]) -> dict[int, int]:
+        """rank -> when its failed pod wrote its last log line (ns): which rank failed first,
+        when several did within the second ``finishedAt`` resolves (see ``job_status``)."""
+        async def last_line(rank: int, pod: str) -> tuple[int, int | None]:
+            try:
+                raw = await self.kube.pod_log(self.ns, pod, tail_lines=1, timestamps=True)
+            except k.KubeError:
+                return rank, None  # gone, or the node serves no logs: finishedAt decides
+            return rank, lc.parse_timestamp(raw.decode("utf-8", "replace").partition(" ")[0])
+
+        found = await asyncio.gather(*(last_line(rank, pod) for rank, pod in failed.items()))
+        return {rank: at for rank, at in found if at is not None}
 
     async def list(self, caller: pol.Caller) -> list[JobStatus]:
         labels = {ownership.LABEL_USER: ownership.user_slug(caller.name), ownership.LABEL_KIND: ownership.KIND_TRAINING}

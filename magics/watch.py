@@ -120,10 +120,10 @@ def print_lines(lines: list[LogLine], rank: int | None = None, out: Any = None) 
         out.flush()
 
 
-#: what libstdc++ prints when gloo's teardown destroys a thread it never joined: a rank
-#: that leaves (destroy_process_group, exit) while a peer still runs aborts this way now
-#: and then (3 runs in 20 under torch 2.15 on CPU, bench/RESULTS.md), a cell whose own
-#: code is fine but whose ranks do not leave together
+#: what libstdc++ prints when a rank dies in gloo's teardown: a gloo worker thread that
+#: still releases its last collective as Python finalizes is made to exit while taking the
+#: GIL, inside C++ that may not unwind (SIGABRT). The rank's own code was fine; the ranks
+#: did not leave together (bench/gloo_teardown.py measures how often, by how a script ends).
 GLOO_TEARDOWN_ABORT = "terminate called without an active exception"
 
 

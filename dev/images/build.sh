@@ -302,8 +302,10 @@ for t in "${targets[@]}"; do
   if [ -f "$archive" ]; then
     log "$t: up to date ($archive)"
   else
-    build_image "$t" "$archive"
+    # The older archive is of no use once the content changed, and a single-user build
+    # needs ~20 GB free (its layers, the commit's copy, the archive): free it first.
     keep_newest "$slug" "$archive"
+    build_image "$t" "$archive"
   fi
   results+=("${TAGS[$t]} $archive")
 done

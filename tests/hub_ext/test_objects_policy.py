@@ -240,11 +240,13 @@ def test_serving_plan_rejects_bad_storage_uri(policy):
         replace(plan, storage_uri="models:/iris/3; rm").validate()
 
 
-def _pod(rank, phase, code=None, ts="2026-01-01T00:00:00Z"):
+def _pod(rank, phase, code=None, ts="2026-01-01T00:00:00Z", finished=None):
     status = {"phase": phase}
     if code is not None:
-        status["containerStatuses"] = [{"name": "worker", "state": {"terminated": {"exitCode": code}}}]
-    return {"metadata": {"labels": {ownership.COMPLETION_INDEX_LABEL: str(rank)}, "creationTimestamp": ts},
+        term = {"exitCode": code, **({"finishedAt": finished} if finished else {})}
+        status["containerStatuses"] = [{"name": "worker", "state": {"terminated": term}}]
+    return {"metadata": {"name": f"train-1-{rank}", "labels": {ownership.COMPLETION_INDEX_LABEL: str(rank)},
+                         "creationTimestamp": ts},
             "status": status}
 
 
@@ -274,3 +276,20 @@ def test_job_status_from_pods():
     st = pol.job_status(_job(), [_pod(0, "Failed", 1, "2026-01-01T00:00:00Z"),
                                  _pod(0, "Running", None, "2026-01-01T00:00:09Z")])
     assert st.worker_states[0].state is JobState.RUNNING
+
+
+def test_job_status_names_the_rank_that_failed_first_not_the_lowest():
+    """Rank 1 raises; rank 0's next collective fails ("Connection closed by peer") 0.6 s
+    later, within the same second of ``finishedAt``: the cause is rank 1."""
+    both = [_pod(0, "Failed", 1, finished="2026-01-01T00:00:07Z"), _pod(1, "Failed", 1, finished="2026-01-01T00:00:07Z")]
+    assert pol.failed_pods(both + [_pod(2, "Running")]) == {0: "train-1-0", 1: "train-1-1"}
+    t = 1_767_225_607 * 10**9  # 2026-01-01T00:00:07Z in ns
+    st = pol.job_status(_job(), both, failed_at={0: t + 640_000_000, 1: t + 30_000_000})
+    assert (st.failed_rank, st.exit_code) == (1, 1) and "Worker 1 exited with code 1" in st.message
+    # without log times, finishedAt orders them (whole seconds), then the lowest rank
+    later0 = [_pod(0, "Failed", 1, finished="2026-01-01T00:00:09Z"), _pod(1, "Failed", 2, finished="2026-01-01T00:00:07Z")]
+    assert pol.job_status(_job(), later0).failed_rank == 1
+    assert pol.job_status(_job(), both).failed_rank == 0
+    # a rank stopped from outside (SIGTERM: 143) is a consequence even when it ended first
+    stopped = [_pod(0, "Failed", 143, finished="2026-01-01T00:00:05Z"), _pod(1, "Failed", 1, finished="2026-01-01T00:00:07Z")]
+    assert pol.job_status(_job(), stopped).failed_rank == 1

@@ -23,7 +23,8 @@ from hubml_testing.kube_cluster import KubeCluster
 from hubml_testing.kube_crds import CRDS, check_crd_names, install_crds, install_kwok_crds
 from hubml_testing.kube_manifests import KWOK_NODE_ANNOTATION, TOPOLOGY_FILE, kubeconfig_dict, load_topology, topology_nodes
 from hubml_testing.kube_pki import SERVICE_CIDR, make_pki
-from hubml_testing.kube_processes import free_port, log_tail, pid_alive, stop_processes
+from hubml_testing.kube_processes import log_tail, pid_alive, stop_processes
+from hubml_testing.ports import free_port
 from hubml_testing.kube_rest import Rest
 from hubml_testing.kwok import kwok_configuration
 

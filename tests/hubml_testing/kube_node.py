@@ -45,7 +45,8 @@ from hubml_testing.kube_binaries import KubeHarnessError, cache_root, find_binar
 from hubml_testing.kube_cluster import KubeCluster
 from hubml_testing.kube_manifests import kubeconfig_dict
 from hubml_testing.kube_pki import SERVICE_CIDR
-from hubml_testing.kube_processes import free_port, log_tail, stop_processes
+from hubml_testing.kube_processes import log_tail, stop_processes
+from hubml_testing.ports import free_port
 from hubml_testing.node_images import PAUSE_IMAGE, NodeImage, busybox_image, pause_image
 
 NODE_NAME = "hubml-node-0"

@@ -1,4 +1,4 @@
-"""The control plane's OS processes: free ports, liveness of a pid, log tails and stopping
+"""The control plane's OS processes: liveness of a pid, log tails and stopping
 them in reverse start order without signalling a pid that was reused."""
 
 from __future__ import annotations
@@ -6,17 +6,10 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import time
 from collections.abc import Mapping
 from pathlib import Path
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 def pid_alive(pid: int) -> bool:

@@ -6,20 +6,49 @@ Kept apart from the fixtures themselves so the JupyterHub and Prometheus plugins
 
 from __future__ import annotations
 
+import random
 import socket
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
+from pathlib import Path
+
+
+NODE_PORTS = (30000, 32767)  # Kubernetes' default --service-node-port-range
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    """The ports the kernel hands to outgoing connections and to ``bind(port 0)``."""
+    try:
+        low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    except (OSError, ValueError):
+        low, high = 32768, 60999  # Linux's default
+    return low, high
 
 
 def free_port(host: str = "127.0.0.1") -> int:
     """Return a TCP port on ``host`` that nothing listens on right now.
 
-    Binding port 0 lets the kernel choose; the tiny race before the caller binds
-    it is acceptable on a test machine and far better than fixed ports, since
-    several test sessions share the machine.
+    Chosen at random *below* the kernel's ephemeral range, checked by binding it. A
+    port from ``bind(port 0)`` lies inside that range, where any outgoing connection
+    (a kernel client, gloo, the suite's HTTP calls) may take it between this check and
+    the server's own bind: JupyterHub once failed to start that way ("Address already
+    in use"). Below the range only another listener choosing the same port can, one
+    chance in thousands. Kubernetes' NodePort range is avoided too: kube-proxy on the
+    real node rewrites traffic to those ports on the node's address. Falls back to
+    ``bind(port 0)`` if no port there is free.
     """
+    top = min(_ephemeral_range()[0], NODE_PORTS[0])
+    if top > 11000:
+        for _ in range(100):
+            port = random.randrange(10000, top)
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+                try:
+                    s.bind((host, port))
+                except OSError:
+                    continue
+                return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return s.getsockname()[1]
