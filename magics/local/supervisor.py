@@ -39,6 +39,7 @@ from hubml.magics.local.console import (
 
 POLL_S = 0.05
 FINALIZE_WAIT_S = 3.0
+LEFTOVER_WAIT_S = 10.0  # how long the job's killed processes may take to go before its state is final
 
 
 def write_json_atomic(path: Path, data: dict) -> None:
@@ -119,23 +120,30 @@ class Supervisor:
                 continue
         return found
 
-    def kill_leftovers(self) -> None:
+    def kill_leftovers(self, wait: float = LEFTOVER_WAIT_S) -> None:
+        """Kill what is left of the job and return once it is gone (or ``wait`` ran out).
+
+        SIGKILL is not instant: a worker holding torch's GiB of mappings can take
+        a while to exit on a busy machine, and until it has, the job's final state
+        would be written over a process still running (the kernel-side promise is
+        "no worker outlives the job")."""
         for pid in self.worker_pids():
             try:
                 os.killpg(pid, signal.SIGKILL)  # each worker leads its own session
             except OSError:
                 pass
-        for _ in range(3):
-            pids = self.job_processes()
-            if not pids:
-                break
+        deadline = time.monotonic() + wait
+        while True:
+            self.reap()
+            pids = self.job_processes()  # a zombie's environ reads empty: only the living match
+            if not pids or time.monotonic() >= deadline:
+                return
             for pid in pids:
                 try:
                     os.kill(pid, signal.SIGKILL)
                 except OSError:
                     pass
             time.sleep(0.05)
-            self.reap()
 
     @staticmethod
     def reap() -> None:
