@@ -129,8 +129,9 @@ def guard_problems() -> list[str]:
         problems.append(f"table {ROUTE_TABLE} has no blackhole default")
     if f"iif {BRIDGE} lookup {ROUTE_TABLE}" not in _run(["ip", "rule", "show"]).stdout:
         problems.append(f"no rule sends packets from {BRIDGE} to table {ROUTE_TABLE}")
-    if bridge_mac() != BRIDGE_MAC:
-        problems.append(f"{BRIDGE} has MAC {bridge_mac()}, not its own {BRIDGE_MAC}: it follows its ports'")
+    mac = bridge_mac()
+    if mac != BRIDGE_MAC:
+        problems.append(f"{BRIDGE} has MAC {mac}, not its own {BRIDGE_MAC}: it follows its ports'")
     return problems
 
 
